@@ -100,7 +100,7 @@ mod sparse {
         map: &BTreeMap<u16, u64>,
         s: S,
     ) -> Result<S::Ok, S::Error> {
-        s.collect_seq(map.iter().map(|(b, c)| (b, c)))
+        s.collect_seq(map.iter())
     }
 
     pub fn deserialize<'de, D: serde::Deserializer<'de>>(

@@ -86,10 +86,10 @@ impl SelfTest {
         inputs: &[TensorSpec],
         outputs: &[TensorSpec],
     ) -> Result<(), String> {
-        if !(self.tolerance.abs >= 0.0 && self.tolerance.rel >= 0.0)
-            || !self.tolerance.abs.is_finite()
-            || !self.tolerance.rel.is_finite()
-        {
+        let Tolerance { abs, rel } = self.tolerance;
+        // Written so that NaN fails too.
+        let valid = |x: f64| x.is_finite() && x >= 0.0;
+        if !(valid(abs) && valid(rel)) {
             return Err("self-test tolerance must be finite and not negative".into());
         }
         for spec in inputs {

@@ -577,14 +577,14 @@ mod tests {
         let close = Tensor::new("p", vec![2], TensorData::F32(vec![1.0005, 0.00005])).unwrap();
         let far = Tensor::new("p", vec![2], TensorData::F32(vec![1.01, 0.0])).unwrap();
         let tol = Tolerance::default();
-        assert!(compare_outputs(&[e.clone()], &[close], tol).is_ok());
+        assert!(compare_outputs(std::slice::from_ref(&e), &[close], tol).is_ok());
         assert!(matches!(
-            compare_outputs(&[e.clone()], &[far], tol),
+            compare_outputs(std::slice::from_ref(&e), &[far], tol),
             Err(Mismatch::Value { index: 0, .. })
         ));
         let labels = Tensor::new("l", vec![1], TensorData::I64(vec![3])).unwrap();
         let other = Tensor::new("l", vec![1], TensorData::I64(vec![4])).unwrap();
-        assert!(compare_outputs(&[labels.clone()], &[other], tol).is_err());
+        assert!(compare_outputs(std::slice::from_ref(&labels), &[other], tol).is_err());
         assert!(matches!(
             compare_outputs(&[labels], &[e], tol),
             Err(Mismatch::Missing { .. })
