@@ -42,9 +42,9 @@ pub struct ModelSignature {
 #[derive(Debug, thiserror::Error)]
 pub enum SelfTestError {
     #[error("self-test could not run: {0}")]
-    Run(#[from] RuntimeError),
+    Run(RuntimeError),
     #[error("self-test output differs: {0}")]
-    Mismatch(#[from] Mismatch),
+    Mismatch(Mismatch),
 }
 
 fn load_error(e: impl std::fmt::Display) -> RuntimeError {
@@ -64,6 +64,9 @@ fn element_type(dt: DatumType) -> Result<ElementType, RuntimeError> {
         DatumType::I64 => ElementType::I64,
         DatumType::F32 => ElementType::F32,
         DatumType::F64 => ElementType::F64,
+        // tract types some integer tensors (class labels after a Cast, shapes) as symbolic
+        // dimensions; their values are plain integers.
+        DatumType::TDim => ElementType::I64,
         other => {
             return Err(RuntimeError::Unsupported(format!(
                 "element type {other:?} cannot be carried by the inference API"
@@ -318,8 +321,9 @@ impl Plan {
 
     /// Runs a self-test case and compares the outputs within its tolerance.
     pub fn self_test(&self, case: &SelfTest) -> Result<(), SelfTestError> {
-        let outputs = self.run(&case.inputs)?;
-        compare_outputs(&case.outputs, &outputs, case.tolerance)?;
+        let outputs = self.run(&case.inputs).map_err(SelfTestError::Run)?;
+        compare_outputs(&case.outputs, &outputs, case.tolerance)
+            .map_err(SelfTestError::Mismatch)?;
         Ok(())
     }
 }
@@ -355,6 +359,12 @@ fn from_tract(name: &str, value: &TValue) -> Result<Tensor, RuntimeError> {
             .iter()
             .copied()
             .collect())
+    }
+    if value.datum_type() == DatumType::TDim {
+        let as_i64 = value
+            .cast_to::<i64>()
+            .map_err(|e| RuntimeError::Inference(format!("output {name:?}: {e:#}")))?;
+        return from_tract(name, &as_i64.into_owned().into_tvalue());
     }
     let data = match value.datum_type() {
         DatumType::Bool => TensorData::Bool(flat(value)?),

@@ -11,23 +11,23 @@ use fleet_protocol::{KeyId, SigningKey, VerifyingKey};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyFileError {
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{path} already exists; refusing to overwrite a key (move it away first)")]
     Exists { path: PathBuf },
-    #[error("{path}: {source}")]
-    Key { path: PathBuf, source: KeyError },
+    #[error("{path}: {cause}")]
+    Key { path: PathBuf, cause: KeyError },
     #[error("no randomness available from the operating system: {0}")]
     Random(String),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> KeyFileError + '_ {
-    move |source| KeyFileError::Io {
+    move |cause| KeyFileError::Io {
         path: path.to_path_buf(),
-        source,
+        cause,
     }
 }
 
@@ -59,14 +59,14 @@ pub fn generate(dir: &Path, name: &str) -> Result<GeneratedKey, KeyFileError> {
     let mut seed = [0u8; 32];
     getrandom::fill(&mut seed).map_err(|e| KeyFileError::Random(e.to_string()))?;
     let key = SigningKey::from_bytes(&seed);
-    let private_pem = keys::signing_key_to_pem(&key).map_err(|source| KeyFileError::Key {
+    let private_pem = keys::signing_key_to_pem(&key).map_err(|cause| KeyFileError::Key {
         path: private_path.clone(),
-        source,
+        cause,
     })?;
     let public_pem =
-        keys::verifying_key_to_pem(&key.verifying_key()).map_err(|source| KeyFileError::Key {
+        keys::verifying_key_to_pem(&key.verifying_key()).map_err(|cause| KeyFileError::Key {
             path: public_path.clone(),
-            source,
+            cause,
         })?;
     write_new(&private_path, private_pem.as_bytes(), 0o600)?;
     if let Err(e) = write_new(&public_path, public_pem.as_bytes(), 0o644) {
@@ -88,15 +88,15 @@ fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), KeyFileError
         .create_new(true)
         .mode(mode)
         .open(path)
-        .map_err(|source| {
-            if source.kind() == std::io::ErrorKind::AlreadyExists {
+        .map_err(|cause| {
+            if cause.kind() == std::io::ErrorKind::AlreadyExists {
                 KeyFileError::Exists {
                     path: path.to_path_buf(),
                 }
             } else {
                 KeyFileError::Io {
                     path: path.to_path_buf(),
-                    source,
+                    cause,
                 }
             }
         })?;
@@ -107,18 +107,18 @@ fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), KeyFileError
 /// Reads a private key.
 pub fn read_signing_key(path: &Path) -> Result<SigningKey, KeyFileError> {
     let text = fs::read_to_string(path).map_err(io(path))?;
-    keys::signing_key_from_pem(&text).map_err(|source| KeyFileError::Key {
+    keys::signing_key_from_pem(&text).map_err(|cause| KeyFileError::Key {
         path: path.to_path_buf(),
-        source,
+        cause,
     })
 }
 
 /// Reads a public key.
 pub fn read_verifying_key(path: &Path) -> Result<VerifyingKey, KeyFileError> {
     let text = fs::read_to_string(path).map_err(io(path))?;
-    keys::verifying_key_from_pem(&text).map_err(|source| KeyFileError::Key {
+    keys::verifying_key_from_pem(&text).map_err(|cause| KeyFileError::Key {
         path: path.to_path_buf(),
-        source,
+        cause,
     })
 }
 

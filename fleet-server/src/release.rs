@@ -24,36 +24,33 @@ use sha2::{Digest, Sha256};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReleaseError {
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{path}: {detail}")]
     BadInput { path: PathBuf, detail: String },
     #[error("{0}")]
     BadArgument(String),
-    #[error("{path}: {source}")]
-    Runtime { path: PathBuf, source: RuntimeError },
-    #[error("{path}: tract's outputs differ from the self-test case's expected outputs: {source}")]
-    CaseMismatch { path: PathBuf, source: Mismatch },
+    #[error("{path}: {cause}")]
+    Runtime { path: PathBuf, cause: RuntimeError },
+    #[error("{path}: tract's outputs differ from the self-test case's expected outputs: {cause}")]
+    CaseMismatch { path: PathBuf, cause: Mismatch },
     #[error("{path} already exists; pass --force to replace it")]
     Exists { path: PathBuf },
-    #[error("{path}: not a signed manifest: {source}")]
-    NotEnvelope { path: PathBuf, source: DecodeError },
-    #[error("verification failed: {0}")]
+    #[error("{path}: not a signed manifest: {cause}")]
+    NotEnvelope { path: PathBuf, cause: DecodeError },
+    #[error(transparent)]
     Trust(#[from] TrustError),
-    #[error("{path}: {source}")]
-    SelfTest {
-        path: PathBuf,
-        source: SelfTestError,
-    },
+    #[error("{path}: {cause}")]
+    SelfTest { path: PathBuf, cause: SelfTestError },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ReleaseError + '_ {
-    move |source| ReleaseError::Io {
+    move |cause| ReleaseError::Io {
         path: path.to_path_buf(),
-        source,
+        cause,
     }
 }
 
@@ -133,9 +130,9 @@ pub fn sign_model(request: &SignRequest, key: &SigningKey) -> Result<Signed, Rel
             ),
         });
     }
-    let runtime_error = |source| ReleaseError::Runtime {
+    let runtime_error = |cause| ReleaseError::Runtime {
         path: path.clone(),
-        source,
+        cause,
     };
     let signature = runtime::inspect(&onnx).map_err(runtime_error)?;
     let plan = Plan::load(&onnx, &signature.inputs).map_err(runtime_error)?;
@@ -147,18 +144,18 @@ pub fn sign_model(request: &SignRequest, key: &SigningKey) -> Result<Signed, Rel
     let case_path = request.self_test.clone().unwrap_or_else(|| path.clone());
     let computed = plan
         .run(&case.inputs)
-        .map_err(|source| ReleaseError::Runtime {
+        .map_err(|cause| ReleaseError::Runtime {
             path: case_path.clone(),
-            source,
+            cause,
         })?;
     let tolerance = case.tolerance.unwrap_or_default();
     let expected = if case.outputs.is_empty() {
         computed
     } else {
-        compare_outputs(&case.outputs, &computed, tolerance).map_err(|source| {
+        compare_outputs(&case.outputs, &computed, tolerance).map_err(|cause| {
             ReleaseError::CaseMismatch {
                 path: case_path.clone(),
-                source,
+                cause,
             }
         })?;
         case.outputs
@@ -191,9 +188,9 @@ pub fn sign_model(request: &SignRequest, key: &SigningKey) -> Result<Signed, Rel
     };
     let payload = fleet_protocol::encode(&manifest);
     // What is signed must also decode: catches any invariant the builder above missed.
-    decode::<Manifest>(&payload).map_err(|source| ReleaseError::BadInput {
+    decode::<Manifest>(&payload).map_err(|cause| ReleaseError::BadInput {
         path: path.clone(),
-        detail: source.to_string(),
+        detail: cause.to_string(),
     })?;
     let envelope = Envelope::sign(MANIFEST_TYPE, payload, key);
     Ok(Signed {
@@ -295,9 +292,9 @@ pub fn verify_model(
     run_self_test: bool,
 ) -> Result<Verified, ReleaseError> {
     let bytes = fs::read(manifest_path).map_err(io(manifest_path))?;
-    let envelope: Envelope = decode(&bytes).map_err(|source| ReleaseError::NotEnvelope {
+    let envelope: Envelope = decode(&bytes).map_err(|cause| ReleaseError::NotEnvelope {
         path: manifest_path.to_path_buf(),
-        source,
+        cause,
     })?;
     let ring: KeyRing = trusted.iter().copied().collect();
     let manifest = verify_manifest(&envelope, &ring)?;
@@ -307,9 +304,9 @@ pub fn verify_model(
 
     if run_self_test {
         let onnx = fs::read(model).map_err(io(model))?;
-        let self_test_error = |source| ReleaseError::SelfTest {
+        let self_test_error = |cause| ReleaseError::SelfTest {
             path: model.to_path_buf(),
-            source,
+            cause,
         };
         let plan = Plan::load(&onnx, &manifest.inputs)
             .map_err(|e| self_test_error(SelfTestError::Run(e)))?;

@@ -92,8 +92,8 @@ pub enum TopicError {
     NotOurs { topic: String, root: String },
     #[error("topic {topic:?} does not have the form {{root}}/d/{{device}}/{{kind}}")]
     BadShape { topic: String },
-    #[error("topic {topic:?} names an invalid device: {source}")]
-    BadDevice { topic: String, source: IdentError },
+    #[error("topic {topic:?} names an invalid device: {cause}")]
+    BadDevice { topic: String, cause: IdentError },
     #[error("topic {topic:?} ends in unknown kind {kind:?}")]
     UnknownKind { topic: String, kind: String },
 }
@@ -167,9 +167,9 @@ impl Topics {
         let (device, kind) = rest.split_once('/').ok_or_else(|| TopicError::BadShape {
             topic: topic.to_string(),
         })?;
-        let device = DeviceId::new(device).map_err(|source| TopicError::BadDevice {
+        let device = DeviceId::new(device).map_err(|cause| TopicError::BadDevice {
             topic: topic.to_string(),
-            source,
+            cause,
         })?;
         let kind = TopicKind::parse(kind).ok_or_else(|| {
             if kind.contains('/') {

@@ -206,7 +206,8 @@ fn run(cli: Cli) -> Result<()> {
                 .map(|p| keyfile::read_verifying_key(p))
                 .collect::<Result<Vec<_>, _>>()?;
             let manifest_path = manifest.unwrap_or_else(|| release::default_manifest_path(&model));
-            let verified = release::verify_model(&model, &manifest_path, &trusted, self_test)?;
+            let verified = release::verify_model(&model, &manifest_path, &trusted, self_test)
+                .with_context(|| format!("{} did not verify", model.display()))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&verified.manifest)?);
             } else {
