@@ -15,7 +15,7 @@ run() { printf '$ %s\n' "$*"; "$@"; }
 
 step "building fleetctl"
 cargo build --quiet -p fleet-server --bin fleetctl
-fleetctl=target/debug/fleetctl
+fleetctl="${CARGO_TARGET_DIR:-target}/debug/fleetctl"
 
 step "1. a release key (offline) and, for contrast, a stranger's key"
 run "$fleetctl" keys gen --out "$work/keys"
