@@ -4,4 +4,5 @@
 //! signature and compute its self-test. The daemon's pipeline (MQTT link, directive handling,
 //! chunked fetch, model store, local inference API, outbox) builds on it.
 
+pub mod config; // agent.toml: documented defaults, paths relative to the file, errors naming the field
 pub mod runtime; // ONNX models loaded, optimised and run with tract; self-tests
