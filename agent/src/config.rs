@@ -55,7 +55,10 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{file}: {cause}")]
-    Read { file: PathBuf, cause: std::io::Error },
+    Read {
+        file: PathBuf,
+        cause: std::io::Error,
+    },
     #[error("{file}: {cause}")]
     Parse { file: PathBuf, cause: String },
     #[error("{file}: `{field}` {reason}")]
@@ -269,7 +272,9 @@ pub fn parse_broker_url(url: &str) -> Result<BrokerAddress, String> {
     };
     let rest = rest.trim_end_matches('/');
     if rest.contains('/') || rest.contains('@') {
-        return Err(format!("{url:?} must be scheme://host[:port] with no path or user"));
+        return Err(format!(
+            "{url:?} must be scheme://host[:port] with no path or user"
+        ));
     }
     // `[::1]:1883` for IPv6, `host:1883` otherwise.
     let (host, port) = match rest.rsplit_once(':') {
@@ -324,9 +329,13 @@ impl AgentConfig {
             }
         };
         resolve(&mut self.data_dir);
-        for p in [&mut self.broker.ca, &mut self.broker.cert, &mut self.broker.key]
-            .into_iter()
-            .flatten()
+        for p in [
+            &mut self.broker.ca,
+            &mut self.broker.cert,
+            &mut self.broker.key,
+        ]
+        .into_iter()
+        .flatten()
         {
             resolve(p);
         }
@@ -360,7 +369,8 @@ impl AgentConfig {
                 "must be between 1 KiB and 64 MiB".into(),
             ));
         }
-        let needed = self.fetch.chunk_bytes as usize + fleet_protocol::chunk::CHUNK_HEADER_LEN + 512;
+        let needed =
+            self.fetch.chunk_bytes as usize + fleet_protocol::chunk::CHUNK_HEADER_LEN + 512;
         if self.broker.max_packet_bytes < needed {
             return Err(invalid(
                 "broker.max_packet_bytes",
@@ -368,7 +378,10 @@ impl AgentConfig {
             ));
         }
         if self.broker.keep_alive_secs < 5 {
-            return Err(invalid("broker.keep_alive_secs", "must be at least 5".into()));
+            return Err(invalid(
+                "broker.keep_alive_secs",
+                "must be at least 5".into(),
+            ));
         }
         if self.broker.reconnect_min_ms == 0
             || self.broker.reconnect_max_ms < self.broker.reconnect_min_ms
@@ -379,13 +392,19 @@ impl AgentConfig {
             ));
         }
         if self.trust.release_keys.is_empty() {
-            return Err(invalid("trust.release_keys", "needs at least one key".into()));
+            return Err(invalid(
+                "trust.release_keys",
+                "needs at least one key".into(),
+            ));
         }
         if self.trust.fleet_keys.is_empty() {
             return Err(invalid("trust.fleet_keys", "needs at least one key".into()));
         }
         if self.api.max_concurrent_inferences == 0 {
-            return Err(invalid("api.max_concurrent_inferences", "must be at least 1".into()));
+            return Err(invalid(
+                "api.max_concurrent_inferences",
+                "must be at least 1".into(),
+            ));
         }
         if self.fetch.chunk_bytes == 0 || self.fetch.chunk_bytes as usize > MAX_CHUNK_DATA_BYTES {
             return Err(invalid(
@@ -397,7 +416,10 @@ impl AgentConfig {
             return Err(invalid("fetch.window", "must be between 1 and 64".into()));
         }
         if self.fetch.request_timeout_ms < 100 {
-            return Err(invalid("fetch.request_timeout_ms", "must be at least 100".into()));
+            return Err(invalid(
+                "fetch.request_timeout_ms",
+                "must be at least 100".into(),
+            ));
         }
         if self.store.keep_versions < 2 {
             return Err(invalid(
@@ -406,7 +428,10 @@ impl AgentConfig {
             ));
         }
         if !(0.0..=1.0).contains(&self.probation.max_error_rate) {
-            return Err(invalid("probation.max_error_rate", "must be between 0 and 1".into()));
+            return Err(invalid(
+                "probation.max_error_rate",
+                "must be between 0 and 1".into(),
+            ));
         }
         Ok(())
     }
@@ -448,7 +473,10 @@ fleet_keys = ["/etc/driftgate/fleet.pub"]
         let c = parse(MINIMAL).unwrap();
         assert_eq!(c.data_dir, PathBuf::from("/b/data"));
         assert_eq!(c.trust.release_keys, vec![PathBuf::from("/b/release.pub")]);
-        assert_eq!(c.trust.fleet_keys, vec![PathBuf::from("/etc/driftgate/fleet.pub")]);
+        assert_eq!(
+            c.trust.fleet_keys,
+            vec![PathBuf::from("/etc/driftgate/fleet.pub")]
+        );
         assert_eq!(c.api.listen, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(c.fetch.chunk_bytes, 256 * 1024);
         assert_eq!(c.fetch.window, 8);
@@ -463,25 +491,42 @@ fleet_keys = ["/etc/driftgate/fleet.pub"]
     fn errors_name_the_file_and_the_field() {
         let err = parse(&MINIMAL.replace("mqtt://127.0.0.1:1883", "http://x")).unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("/b/agent.toml") && text.contains("broker.url"), "{text}");
+        assert!(
+            text.contains("/b/agent.toml") && text.contains("broker.url"),
+            "{text}"
+        );
 
-        let err = parse(&MINIMAL.replace("dev-17", "dev/17")).unwrap_err().to_string();
-        assert!(err.contains("device id") && err.contains("agent.toml"), "{err}");
+        let err = parse(&MINIMAL.replace("dev-17", "dev/17"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("device id") && err.contains("agent.toml"),
+            "{err}"
+        );
 
-        let err = parse(&MINIMAL.replace("mqtt://", "mqtts://")).unwrap_err().to_string();
+        let err = parse(&MINIMAL.replace("mqtt://", "mqtts://"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("broker.ca"), "{err}");
 
-        let err = parse(&format!("{MINIMAL}\n[fetch]\nwindow = 0\n")).unwrap_err().to_string();
+        let err = parse(&format!("{MINIMAL}\n[fetch]\nwindow = 0\n"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("fetch.window"), "{err}");
 
-        let err = parse(&format!("{MINIMAL}\n[store]\nkeep = 2\n")).unwrap_err().to_string();
+        let err = parse(&format!("{MINIMAL}\n[store]\nkeep = 2\n"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("keep"), "unknown fields are refused: {err}");
     }
 
     #[test]
     fn broker_urls() {
         let a = parse_broker_url("mqtts://fleet.example").unwrap();
-        assert_eq!((a.host.as_str(), a.port, a.tls), ("fleet.example", 8883, true));
+        assert_eq!(
+            (a.host.as_str(), a.port, a.tls),
+            ("fleet.example", 8883, true)
+        );
         let a = parse_broker_url("mqtt://[::1]:1884").unwrap();
         assert_eq!((a.host.as_str(), a.port, a.tls), ("::1", 1884, false));
         assert!(parse_broker_url("mqtt://host:99999").is_err());

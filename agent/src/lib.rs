@@ -5,4 +5,6 @@
 //! chunked fetch, model store, local inference API, outbox) builds on it.
 
 pub mod config; // agent.toml: documented defaults, paths relative to the file, errors naming the field
+pub mod fetch; // chunked, windowed, resumable artifact download bounded by the manifest
+pub mod link; // the MQTT session: TLS, last will, jittered reconnect, resubscribe, topic routing
 pub mod runtime; // ONNX models loaded, optimised and run with tract; self-tests
