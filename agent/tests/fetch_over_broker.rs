@@ -93,140 +93,152 @@ async fn connect(config: &AgentConfig) -> (link::LinkHandle, link::Inbound) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_multi_megabyte_artifact_arrives_whole_and_resumes_from_a_partial_file() {
-    let port = common::start_broker();
-    let blob = artifact(3 * 1024 * 1024 + 123);
-    let served = common::start_responder(port, blob.clone(), common::Faults::default()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = config(port, dir.path(), "dev-fetch");
-    let (handle, mut inbound) = connect(&config).await;
-    let manifest = manifest_for(&blob);
+    for broker in
+        common::brokers("a_multi_megabyte_artifact_arrives_whole_and_resumes_from_a_partial_file")
+    {
+        eprintln!("broker: {}", broker.name);
+        let port = broker.port;
+        let blob = artifact(3 * 1024 * 1024 + 123);
+        let served = common::start_responder(port, blob.clone(), common::Faults::default()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(port, dir.path(), "dev-fetch");
+        let (handle, mut inbound) = connect(&config).await;
+        let manifest = manifest_for(&blob);
 
-    // A previous run got 1 MiB before it was killed.
-    let staging = dir.path().join("staging/blob.part");
-    std::fs::create_dir_all(staging.parent().unwrap()).unwrap();
-    std::fs::write(&staging, &blob[..1024 * 1024]).unwrap();
+        // A previous run got 1 MiB before it was killed.
+        let staging = dir.path().join("staging/blob.part");
+        std::fs::create_dir_all(staging.parent().unwrap()).unwrap();
+        std::fs::write(&staging, &blob[..1024 * 1024]).unwrap();
 
-    let mut last = (0, 0);
-    let report = download(
-        &manifest,
-        &staging,
-        &config.fetch,
-        &handle,
-        &mut inbound.chunks,
-        |done, total| {
-            assert!(
-                done >= last.0 && done <= total,
-                "progress goes forward and stays within the size"
-            );
-            last = (done, total);
-        },
-    )
-    .await
-    .unwrap();
+        let mut last = (0, 0);
+        let report = download(
+            &manifest,
+            &staging,
+            &config.fetch,
+            &handle,
+            &mut inbound.chunks,
+            |done, total| {
+                assert!(
+                    done >= last.0 && done <= total,
+                    "progress goes forward and stays within the size"
+                );
+                last = (done, total);
+            },
+        )
+        .await
+        .unwrap();
 
-    assert_eq!(report.resumed_from, 1024 * 1024);
-    assert_eq!(
-        report.fetched,
-        blob.len() as u64 - 1024 * 1024,
-        "only the missing part travelled"
-    );
-    assert_eq!(served.load(Ordering::Relaxed), report.fetched);
-    assert_eq!(last, (blob.len() as u64, blob.len() as u64));
-    assert_eq!(std::fs::read(&staging).unwrap(), *blob);
+        assert_eq!(report.resumed_from, 1024 * 1024);
+        assert_eq!(
+            report.fetched,
+            blob.len() as u64 - 1024 * 1024,
+            "only the missing part travelled"
+        );
+        assert_eq!(served.load(Ordering::Relaxed), report.fetched);
+        assert_eq!(last, (blob.len() as u64, blob.len() as u64));
+        assert_eq!(std::fs::read(&staging).unwrap(), *blob);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_requests_are_retried() {
-    let port = common::start_broker();
-    let blob = artifact(700 * 1024);
-    let faults = common::Faults {
-        drop_every: 3,
-        ..Default::default()
-    };
-    common::start_responder(port, blob.clone(), faults).await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = config(port, dir.path(), "dev-lossy");
-    let (handle, mut inbound) = connect(&config).await;
-    let staging = dir.path().join("blob.part");
-    let report = download(
-        &manifest_for(&blob),
-        &staging,
-        &config.fetch,
-        &handle,
-        &mut inbound.chunks,
-        |_, _| {},
-    )
-    .await
-    .unwrap();
-    assert!(report.retries > 0, "{report:?}");
-    assert_eq!(std::fs::read(&staging).unwrap(), *blob);
+    for broker in common::brokers("lost_requests_are_retried") {
+        let port = broker.port;
+        let blob = artifact(700 * 1024);
+        let faults = common::Faults {
+            drop_every: 3,
+            ..Default::default()
+        };
+        common::start_responder(port, blob.clone(), faults).await;
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(port, dir.path(), "dev-lossy");
+        let (handle, mut inbound) = connect(&config).await;
+        let staging = dir.path().join("blob.part");
+        let report = download(
+            &manifest_for(&blob),
+            &staging,
+            &config.fetch,
+            &handle,
+            &mut inbound.chunks,
+            |_, _| {},
+        )
+        .await
+        .unwrap();
+        assert!(report.retries > 0, "{report:?}");
+        assert_eq!(std::fs::read(&staging).unwrap(), *blob);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endless_data_is_refused_as_soon_as_it_passes_the_manifest_size() {
-    let port = common::start_broker();
-    let blob = artifact(200 * 1024 + 7);
-    let faults = common::Faults {
-        overlong_by: 4096,
-        ..Default::default()
-    };
-    common::start_responder(port, blob.clone(), faults).await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = config(port, dir.path(), "dev-endless");
-    let (handle, mut inbound) = connect(&config).await;
-    let staging = dir.path().join("blob.part");
-    let err = download(
-        &manifest_for(&blob),
-        &staging,
-        &config.fetch,
-        &handle,
-        &mut inbound.chunks,
-        |_, _| {},
-    )
-    .await
-    .unwrap_err();
-    assert!(matches!(err, FetchError::TooLong { .. }), "{err}");
-    assert!(std::fs::metadata(&staging).unwrap().len() <= blob.len() as u64);
+    for broker in common::brokers("endless_data_is_refused_as_soon_as_it_passes_the_manifest_size")
+    {
+        let port = broker.port;
+        let blob = artifact(200 * 1024 + 7);
+        let faults = common::Faults {
+            overlong_by: 4096,
+            ..Default::default()
+        };
+        common::start_responder(port, blob.clone(), faults).await;
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(port, dir.path(), "dev-endless");
+        let (handle, mut inbound) = connect(&config).await;
+        let staging = dir.path().join("blob.part");
+        let err = download(
+            &manifest_for(&blob),
+            &staging,
+            &config.fetch,
+            &handle,
+            &mut inbound.chunks,
+            |_, _| {},
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, FetchError::TooLong { .. }), "{err}");
+        assert!(std::fs::metadata(&staging).unwrap().len() <= blob.len() as u64);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_digest_is_refused_and_an_unknown_artifact_is_named() {
-    let port = common::start_broker();
-    let blob = artifact(100 * 1024);
-    common::start_responder(port, blob.clone(), common::Faults::default()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = config(port, dir.path(), "dev-digest");
-    let (handle, mut inbound) = connect(&config).await;
+    for broker in common::brokers("a_wrong_digest_is_refused_and_an_unknown_artifact_is_named") {
+        let port = broker.port;
+        let blob = artifact(100 * 1024);
+        common::start_responder(port, blob.clone(), common::Faults::default()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(port, dir.path(), "dev-digest");
+        let (handle, mut inbound) = connect(&config).await;
 
-    // The server holds different bytes than the manifest promises.
-    let mut other = blob.to_vec();
-    other[5] ^= 1;
-    let err = download(
-        &manifest_for(&other),
-        &dir.path().join("a.part"),
-        &config.fetch,
-        &handle,
-        &mut inbound.chunks,
-        |_, _| {},
-    )
-    .await
-    .unwrap_err();
-    assert!(matches!(err, FetchError::NotFound(_)), "{err}");
+        // The server holds different bytes than the manifest promises.
+        let mut other = blob.to_vec();
+        other[5] ^= 1;
+        let err = download(
+            &manifest_for(&other),
+            &dir.path().join("a.part"),
+            &config.fetch,
+            &handle,
+            &mut inbound.chunks,
+            |_, _| {},
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, FetchError::NotFound(_)), "{err}");
 
-    // A staging file whose first bytes were corrupted on disk resumes, and the digest catches it.
-    let staging = dir.path().join("b.part");
-    let mut corrupt = blob[..50 * 1024].to_vec();
-    corrupt[10] ^= 1;
-    std::fs::write(&staging, &corrupt).unwrap();
-    let err = download(
-        &manifest_for(&blob),
-        &staging,
-        &config.fetch,
-        &handle,
-        &mut inbound.chunks,
-        |_, _| {},
-    )
-    .await
-    .unwrap_err();
-    assert!(err.to_string().contains("hash mismatch"), "{err}");
+        // A staging file whose first bytes were corrupted on disk resumes, and the digest catches it.
+        let staging = dir.path().join("b.part");
+        let mut corrupt = blob[..50 * 1024].to_vec();
+        corrupt[10] ^= 1;
+        std::fs::write(&staging, &corrupt).unwrap();
+        let err = download(
+            &manifest_for(&blob),
+            &staging,
+            &config.fetch,
+            &handle,
+            &mut inbound.chunks,
+            |_, _| {},
+        )
+        .await
+        .unwrap_err();
+        assert!(err.to_string().contains("hash mismatch"), "{err}");
+    }
 }

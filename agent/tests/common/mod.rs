@@ -11,12 +11,88 @@ use fleet_protocol::chunk::{encode_chunk, ChunkHeader, ChunkStatus};
 use fleet_protocol::{decode, ChunkRequest, Sha256Digest, TopicKind, Topics};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
-/// Starts rumqttd on a free loopback port, in its own threads, and returns the port.
-pub fn start_broker() -> u16 {
-    let port = TcpListener::bind("127.0.0.1:0")
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free port")
-        .port();
+        .port()
+}
+
+fn wait_for_port(port: u16, what: &str) {
+    for _ in 0..250 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("{what} did not start on port {port}");
+}
+
+/// A running broker; a Mosquitto process is killed when this is dropped.
+pub struct TestBroker {
+    pub name: &'static str,
+    pub port: u16,
+    process: Option<std::process::Child>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.process {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The brokers to run a test against: always the embedded one, and Mosquitto when
+/// `DRIFTGATE_TEST_MOSQUITTO=1` says it is installed (`.ci/run` installs it).
+pub fn brokers(test: &str) -> Vec<TestBroker> {
+    let mut brokers = vec![TestBroker {
+        name: "embedded rumqttd",
+        port: start_broker(),
+        process: None,
+        _dir: None,
+    }];
+    if driftgate_tests::require_env(
+        test,
+        "DRIFTGATE_TEST_MOSQUITTO",
+        "the mosquitto broker (apt-get install mosquitto) for its Mosquitto half",
+    ) {
+        brokers.push(start_mosquitto());
+    }
+    brokers
+}
+
+/// Starts a Mosquitto process on a free loopback port with a throwaway config.
+pub fn start_mosquitto() -> TestBroker {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_packet_size 8388608\nlog_dest stderr\nlog_type error\n"),
+    )
+    .unwrap();
+    let binary = std::env::var("MOSQUITTO").unwrap_or_else(|_| "mosquitto".into());
+    let child = std::process::Command::new(&binary)
+        .arg("-c")
+        .arg(&conf)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {binary}: {e}"));
+    wait_for_port(port, "mosquitto");
+    TestBroker {
+        name: "mosquitto",
+        port,
+        process: Some(child),
+        _dir: Some(dir),
+    }
+}
+
+/// Starts rumqttd on a free loopback port, in its own threads, and returns the port.
+pub fn start_broker() -> u16 {
+    let port = free_port();
     let config = format!(
         r#"
 id = 0
@@ -44,14 +120,8 @@ dynamic_filters = true
             eprintln!("embedded broker stopped: {e}");
         }
     });
-    // Wait until it accepts connections.
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("the embedded broker did not start on port {port}");
+    wait_for_port(port, "the embedded broker");
+    port
 }
 
 /// How the responder misbehaves, for fault tests.
