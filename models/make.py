@@ -11,10 +11,37 @@ of files and their sha256 goes to SHA256SUMS.
 """
 
 import os
+import platform
 
-# Single-threaded BLAS before numpy loads: multi-threaded reductions are not bit-reproducible.
-for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[var] = "1"
+
+def _pin_numerics():
+    """Single-threaded, fixed-kernel numerics; must run before numpy is imported.
+
+    Multi-threaded reductions are not bit-reproducible, and OpenBLAS and numpy pick SIMD kernels
+    by CPU at run time (AVX2 vs AVX-512 kernels round differently, which changes trained weights).
+    On x86-64 CPUs with AVX2+FMA both are pinned to the AVX2 kernels, so any such machine
+    reproduces the same weights; elsewhere they are left to their defaults.
+    """
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = "1"
+    flags = set()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    if platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma"} <= flags:
+        os.environ["OPENBLAS_CORETYPE"] = "Haswell"
+        # numpy 2.4's dispatch targets above the AVX2 level (X86_V3).
+        os.environ["NPY_DISABLE_CPU_FEATURES"] = "X86_V4 AVX512_ICL AVX512_SPR"
+        return "x86-64 AVX2 kernels (OpenBLAS Haswell, numpy X86_V3)"
+    return "default kernels (not x86-64 with AVX2+FMA: weights may differ from the committed ones)"
+
+
+NUMERICS = _pin_numerics()
 
 import argparse
 import hashlib
@@ -25,6 +52,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import scipy
 import onnxruntime as ort
 import sklearn
 import skl2onnx
@@ -74,8 +102,9 @@ class Writer:
         self.written[rel] = hashlib.sha256(data).hexdigest()
         log(f"  wrote {rel} ({len(data)} bytes)")
 
-    def json(self, rel, value):
-        self.bytes(rel, (json.dumps(value, indent=1) + "\n").encode())
+    def json(self, rel, value, sort_keys=True):
+        # Self-tests keep the contract's key order (name, datatype, shape, data); the rest sorts.
+        self.bytes(rel, (json.dumps(value, indent=1, sort_keys=sort_keys) + "\n").encode())
 
     def npy(self, rel, array):
         buf = io.BytesIO()
@@ -111,11 +140,17 @@ def shifts(X_train, X_hold, y_hold, important):
     noise = (X_hold + rng.normal(0.0, 0.5, X_hold.shape) * sigma).astype(np.float32)
     mean = X_hold.copy()
     mean[:, important] += sigma[important]
-    # Class-prior shift: half the rows from one class, the rest as before, same length.
-    dominant = int(np.bincount(y_hold).argmax())
+    # Class-prior shift, same length n as the held-out split: its rarest class (lowest index on
+    # ties) becomes dominant, floor(share * n) rows drawn with replacement from that class and the
+    # rest from the other classes' rows. share is 50 %, or 80 % for two classes (where 50 % would
+    # be close to balance rather than dominance).
+    counts = np.bincount(y_hold)
+    dominant = int(counts.argmin())
+    share = 0.5 if len(counts) > 2 else 0.8
     n = len(y_hold)
-    from_dominant = rng.choice(np.flatnonzero(y_hold == dominant), n // 2, replace=True)
-    from_rest = rng.choice(np.arange(n), n - n // 2, replace=True)
+    n_dominant = int(share * n)
+    from_dominant = rng.choice(np.flatnonzero(y_hold == dominant), n_dominant, replace=True)
+    from_rest = rng.choice(np.flatnonzero(y_hold != dominant), n - n_dominant, replace=True)
     rows = np.concatenate([from_dominant, from_rest])
     rng.shuffle(rows)
     return {
@@ -123,15 +158,24 @@ def shifts(X_train, X_hold, y_hold, important):
         "mean": mean.astype(np.float32),
         "prior": (X_hold[rows], y_hold[rows]),
         "params": {
-            "noise_sigma_fraction": 0.5,
-            "mean_shift_sigmas": 1.0,
-            "prior_dominant_class": dominant,
-            "prior_dominant_share": 0.5,
+            "noise": {"file": "shift-noise.X.npy", "sigma_fraction": 0.5,
+                      "how": "holdout + N(0, 1) * 0.5 * train sigma, per feature"},
+            "mean": {"file": "shift-mean.X.npy", "feature": int(important), "sigmas": 1.0,
+                     "delta": float(sigma[important]),
+                     "how": "holdout with the most important feature + 1 train sigma"},
+            "prior": {"files": ["shift-prior.X.npy", "shift-prior.y.npy"],
+                      "dominant_class": dominant, "share": share, "dominant_rows": n_dominant,
+                      "holdout_share": float(counts[dominant] / n),
+                      "class_counts": [int(c) for c in np.bincount(y_hold[rows], minlength=y_hold.max() + 1)],
+                      "how": "holdout rows resampled with replacement: floor(share * n) from the "
+                             "held-out split's rarest class, the rest from the other classes"},
+            "rng": "numpy default_rng(shifts seed): noise, then dominant rows, other rows, shuffle",
         },
     }
 
 
-def write_dataset(w, name, feature_names, class_names, X_tr, y_tr, X_ho, y_ho, important, how):
+def write_dataset(w, name, feature_names, class_names, X_tr, y_tr, X_ho, y_ho, ranking, how):
+    important = ranking[0][0]
     base = f"data/{name}"
     w.npy(f"{base}/train.X.npy", X_tr)
     w.npy(f"{base}/train.y.npy", y_tr)
@@ -144,22 +188,37 @@ def write_dataset(w, name, feature_names, class_names, X_tr, y_tr, X_ho, y_ho, i
     w.npy(f"{base}/shift-mean.X.npy", s["mean"])
     w.npy(f"{base}/shift-prior.X.npy", s["prior"][0])
     w.npy(f"{base}/shift-prior.y.npy", s["prior"][1])
-    w.json(f"{base}/meta.json", {
+    meta = {
         "dataset": name,
         "features": list(feature_names),
         "classes": list(class_names),
         "train_rows": int(len(y_tr)),
         "holdout_rows": int(len(y_ho)),
-        "train_sigma": [round(float(v), 6) for v in X_tr.std(axis=0)],
-        "most_important_feature": {"index": int(important), "name": feature_names[important], "how": how},
+        "train_class_counts": [int(c) for c in np.bincount(y_tr, minlength=len(class_names))],
+        "holdout_class_counts": [int(c) for c in np.bincount(y_ho, minlength=len(class_names))],
+        # float32 statistics of train.X.npy, written exactly (each decimal parses back to the float32).
+        "train_mean": [float(v) for v in X_tr.mean(axis=0)],
+        "train_sigma": [float(v) for v in X_tr.std(axis=0)],
+        "most_important_feature": {
+            "index": int(important), "name": feature_names[important], "how": how,
+            "top5": [{"index": int(i), "name": feature_names[i], "importance_mean": round(v, 6)}
+                     for i, v in ranking[:5]],
+        },
         "shifts": s["params"],
+        "split": {"test_size": 0.25, "stratify": True, "random_state": SPLIT_SEED},
         "seeds": {"split": SPLIT_SEED, "shifts": SHIFT_SEED},
-    })
+        "dtypes": {"X": "float32", "y": "int64"},
+    }
+    w.json(f"{base}/meta.json", meta)
+    return meta
 
 
-def most_important(model, X, y):
+def importance_ranking(model, X, y):
+    """Features by permutation importance (accuracy drop, 5 repeats) on the held-out split."""
     result = permutation_importance(model, X, y, n_repeats=5, random_state=0, n_jobs=1)
-    return int(np.argmax(result.importances_mean))
+    means = result.importances_mean
+    order = sorted(range(len(means)), key=lambda i: (-means[i], i))
+    return [(i, float(means[i])) for i in order]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,8 +236,18 @@ def sklearn_to_onnx(model, n_features, name):
                  StandardScaler: {"div": "div"}},
     )
     # Name the batch dimension, so every runtime sees the same symbol.
-    for value in onx.graph.input:
-        value.type.tensor_type.shape.dim[0].dim_param = "N"
+    for value in list(onx.graph.input) + list(onx.graph.output):
+        dim = value.type.tensor_type.shape.dim[0]
+        if not dim.HasField("dim_value"):
+            dim.dim_param = "N"
+    # skl2onnx can list the same opset twice (seen with the forest); keep one of each domain.
+    opsets = {}
+    for imp in onx.opset_import:
+        opsets[imp.domain] = max(opsets.get(imp.domain, 0), imp.version)
+    del onx.opset_import[:]
+    for domain, version in sorted(opsets.items()):
+        onx.opset_import.append(helper.make_opsetid(domain, version))
+    onnx.checker.check_model(onx, full_check=True)
     onx.producer_version = skl2onnx.__version__
     onx.graph.name = name  # skl2onnx picks a random UUID otherwise
     return onx
@@ -241,13 +310,28 @@ def train_cnn(X_train, y_train):
                 vhat = v[i] / (1 - beta2 ** t)
                 params[i] -= lr * mhat / (np.sqrt(vhat) + eps)
 
-    def predict_proba(X):
-        logits = forward(X.reshape(-1, 8, 8).astype(np.float64))[-1]
-        logits -= logits.max(axis=1, keepdims=True)
-        p = np.exp(logits)
-        return p / p.sum(axis=1, keepdims=True)
+    return [p.astype(np.float32) for p in params]
 
-    return [p.astype(np.float32) for p in params], predict_proba
+
+def cnn_probabilities(params, images):
+    """The CNN's forward pass in plain numpy (float64 arithmetic on the exported float32 weights),
+    written independently of the training code's im2col, as a check on the ONNX graph."""
+    W1, b1, W2, b2 = (p.astype(np.float64) for p in params)
+    x = images.reshape(-1, 8, 8).astype(np.float64)
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1)))
+    kernels = W1.reshape(8, 3, 3)
+    conv = np.zeros((len(x), 8, 8, 8))
+    for c in range(8):
+        for dy in range(3):
+            for dx in range(3):
+                conv[:, c] += kernels[c, dy, dx] * padded[:, dy:dy + 8, dx:dx + 8]
+        conv[:, c] += b1[c]
+    relu = np.maximum(conv, 0)
+    pooled = relu.reshape(-1, 8, 4, 2, 4, 2).max(axis=(3, 5))
+    logits = pooled.reshape(len(x), 128) @ W2 + b2
+    logits -= logits.max(axis=1, keepdims=True)
+    p = np.exp(logits)
+    return p / p.sum(axis=1, keepdims=True)
 
 
 def cnn_to_onnx(W1, b1, W2, b2):
@@ -324,80 +408,169 @@ def export(w, metrics, rel, onx, input_name, X_hold, y_hold, source):
         "inputs": [tensor_json(input_name, rows)],
         "outputs": [tensor_json(n, r) for n, r in zip(outputs, results)],
         "tolerance": TOLERANCE,
-    })
+    }, sort_keys=False)
     labels = sess.run(["label"], {input_name: X_hold})[0]
     accuracy = float((labels == y_hold).mean())
-    inputs = [describe(i) for i in sess.get_inputs()]
-    outs = [describe(o) for o in sess.get_outputs()]
+    n_classes = int(y_hold.max()) + 1
+    model, version = rel[:-len(".onnx")].split("/")
     metrics[rel] = {
-        "accuracy": round(accuracy, 4), "bytes": len(data),
-        "inputs": inputs, "outputs": outs, "source": source,
+        "model": model, "version": version,
+        "accuracy": round(accuracy, 4), "correct": int((labels == y_hold).sum()),
+        "holdout_rows": int(len(y_hold)), "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "inputs": [describe(i) for i in sess.get_inputs()],
+        "outputs": [describe(o) for o in sess.get_outputs()],
+        "onnx_ops": sorted({(n.domain + ":" if n.domain else "") + n.op_type for n in onx.graph.node}),
+        "opsets": {(i.domain or "ai.onnx"): i.version for i in onx.opset_import},
+        "predicted_class_counts": [int(c) for c in np.bincount(labels, minlength=n_classes)],
+        "true_class_counts": [int(c) for c in np.bincount(y_hold, minlength=n_classes)],
+        "source": source,
     }
-    log(f"  {rel}: held-out accuracy {accuracy:.4f}")
+    log(f"  {rel}: held-out accuracy {accuracy:.4f} ({metrics[rel]['correct']}/{len(y_hold)}) "
+        f"with onnxruntime {ort.__version__}")
 
 
 README_HEAD = """# Sample models
 
-Real models trained on datasets that ship inside scikit-learn, exported to ONNX, with self-test
-cases computed by onnxruntime and data for drift experiments. Everything here is written by
-`make.py` (this file included) and reproduces byte for byte:
+Real models trained on datasets that ship inside scikit-learn (nothing is downloaded), exported
+to ONNX for tract, with self-test cases computed by onnxruntime and data for drift experiments.
+Everything in this directory except `make.py` and `requirements.txt` is written by `make.py`
+(this README included) and reproduces byte for byte:
 
 ```sh
 pip install -r models/requirements.txt
-python3 models/make.py            # or --out DIR to compare; SHA256SUMS lists every file
+python3 models/make.py                  # rewrites models/ in place
+python3 models/make.py --out /tmp/x     # or elsewhere, then: diff models/SHA256SUMS /tmp/x/SHA256SUMS
 ```
+
+`SHA256SUMS` lists every generated file (`sha256  relative/path`, sorted by path), so a checker can
+confirm that a fresh run reproduced each committed file; `tests/tests/models_reproducible.rs`
+does exactly that when `DRIFTGATE_TEST_PYTHON=1`.
 
 ## Models
 
-Held-out accuracy is measured by `make.py` with onnxruntime on the 25 % held-out split.
+Held-out accuracy is measured by `make.py` with onnxruntime on the 25 % held-out split
+(`data/<dataset>/holdout.*`) and recorded, with more detail, in `metrics.json`. `N` is the
+symbolic batch dimension; every model accepts any batch size.
 
-| file | inputs | outputs | bytes | held-out accuracy | made from |
-|---|---|---|---|---|---|
+| model | version | file | inputs | outputs | bytes | held-out accuracy | made from |
+|---|---|---|---|---|---|---|---|
 """
 
-README_TAIL = """
-`digits-mlp/v3` is deliberately bad, for rollback scenarios: trained on labels where 40 % of the
-rows of classes 1, 3 and 7 were relabelled as the next class, which lowers its accuracy and shifts its
-predicted-class histogram, and with two 512-unit hidden layers, which makes it several times slower.
 
-Input scales: the tabular models take raw feature values (`digits-mlp` takes the 8×8 pixel
-intensities 0–16 as 64 features; scaling is inside the pipelines). `digits-cnn` takes the same digits
-as `[N, 1, 8, 8]` images divided by 16.
+def readme_tail(metrics, meta):
+    hist = ["| | " + " | ".join(str(c) for c in range(10)) + " |", "|---" * 11 + "|"]
+    first = metrics["digits-mlp/v1.onnx"]
+    hist.append("| true labels | " + " | ".join(str(c) for c in first["true_class_counts"]) + " |")
+    for v in ("v1", "v2", "v3"):
+        counts = metrics[f"digits-mlp/{v}.onnx"]["predicted_class_counts"]
+        hist.append(f"| `digits-mlp/{v}` | " + " | ".join(str(c) for c in counts) + " |")
+    ops_rows = [
+        f"| `{rel}` | {', '.join(m['onnx_ops'])} | "
+        + ", ".join(f"{d} {v}" for d, v in sorted(m["opsets"].items())) + " |"
+        for rel, m in metrics.items()
+    ]
+    shift_rows = []
+    for name, m in meta.items():
+        imp = m["most_important_feature"]
+        prior = m["shifts"]["prior"]
+        shift_rows.append(
+            f"| {name} | {m['train_rows']} / {m['holdout_rows']} | {len(m['features'])} | "
+            f"{imp['index']} `{imp['name']}` (+{m['shifts']['mean']['delta']:.4g}) | "
+            f"{prior['dominant_class']} (`{m['classes'][prior['dominant_class']]}`, "
+            f"{prior['holdout_share']:.0%} → {prior['dominant_rows'] / m['holdout_rows']:.0%}) | {imp['how']} |"
+        )
+    return f"""
+`digits-mlp/v3` is deliberately bad, for rollback scenarios: it was trained on labels where 40 % of
+the training rows of classes 1, 3 and 7 were relabelled as the next class (2, 4, 8), so its held-out
+accuracy is clearly lower and its predicted-class histogram on the held-out split is visibly shifted
+(counts per class, 450 rows):
+
+{chr(10).join(hist)}
+
+It also has two 512-unit hidden layers (about 300 k multiply-adds per row against 17 k for v2),
+which makes it much slower.
+
+Input scales: the tabular models take raw feature values; `digits-mlp` takes the 8×8 pixel
+intensities 0–16 (raw `load_digits` values, as floats) as 64 features; v1 uses them as they are,
+v2 and v3 standardise them inside the model (a StandardScaler exported as `Sub`/`Div`, not the
+`ai.onnx.ml` Scaler). `digits-cnn` takes the same digits as
+`[N, 1, 8, 8]` images **divided by 16** (values in [0, 1]): `holdout.X.npy / 16` reshaped.
+
+Classifier outputs are skl2onnx's, without ZipMap: `label` (INT64 `[N]`, the class index) and
+`probabilities` (FP32 `[N, classes]`), in that order. `digits-cnn` was written with
+`onnx.helper` (Conv, Relu, MaxPool, Flatten, Gemm, Softmax → `probabilities`, ArgMax → `label`);
+`make.py` checks that onnxruntime's probabilities match a separate numpy forward pass.
+
+ONNX operators and opsets (skl2onnx picks the lowest opsets that suffice, up to
+{{"": 17, "ai.onnx.ml": 3}}); `agent/tests/sample_models.rs` loads every model with tract-onnx 0.23:
+
+| file | operators | opsets |
+|---|---|---|
+{chr(10).join(ops_rows)}
 
 ## Self-test cases
 
-`X.selftest.json` beside each `X.onnx`: 8 held-out rows and onnxruntime's outputs (1 thread), in the
-Open Inference Protocol's JSON tensor form, plus the tolerance a runtime must meet:
+`X.selftest.json` beside each `X.onnx`: the first 8 rows of the held-out split and onnxruntime's
+outputs for them (CPU, one thread), as Open Inference Protocol (KServe v2) JSON tensors: `data`
+is the flat row-major tensor, `datatype` a KServe name, outputs in the graph's output order, plus
+the tolerance a runtime must meet. FP32 values are written as the exact decimal of each float32,
+so they parse back to the same float32.
 
 ```json
-{"inputs": [{"name": "input", "datatype": "FP32", "shape": [8, 64], "data": [...]}],
- "outputs": [{"name": "label", "datatype": "INT64", "shape": [8], "data": [...]}, ...],
- "tolerance": {"abs": 0.0001, "rel": 0.001}}
+{{
+  "inputs": [{{"name": "input", "datatype": "FP32", "shape": [8, 64], "data": [0.0, 1.0, ...]}}],
+  "outputs": [
+    {{"name": "label", "datatype": "INT64", "shape": [8], "data": [3, 1, ...]}},
+    {{"name": "probabilities", "datatype": "FP32", "shape": [8, 10], "data": [0.001, ...]}}
+  ],
+  "tolerance": {{"abs": 0.0001, "rel": 0.001}}
+}}
 ```
 
 `fleetctl model sign --self-test X.selftest.json` checks these expectations against tract before it
-signs, and the agent runs them before it activates a version.
+signs, and the agent runs them before it activates a version; `agent/tests/sample_models.rs`
+checks every model here against its case.
 
 ## Data
 
-`data/{digits,wine,cancer}/`: a stratified 75/25 split (seed 0) of each dataset.
+`data/<dataset>/` for `digits`, `wine` and `cancer` (the CNN reuses `digits`): a stratified 75/25
+split (`train_test_split(test_size=0.25, stratify=y, random_state={SPLIT_SEED})`). Arrays are written
+with `np.save`: features float32 `[rows, features]`, labels int64 `[rows]`.
 
 | file | contents |
 |---|---|
-| `train.X.npy`, `train.y.npy` | training features (float32) and labels (int64) |
-| `holdout.X.npy`, `holdout.y.npy` | held-out features and labels |
-| `train.csv`, `holdout.csv` | the same features as CSV with a header row, no label column |
-| `shift-noise.X.npy` | held-out features plus Gaussian noise of 0.5 σ per feature (σ from train) |
-| `shift-mean.X.npy` | held-out features with the most important feature shifted by +1 σ |
-| `shift-prior.X.npy`, `shift-prior.y.npy` | held-out rows resampled so half come from the most frequent class |
-| `meta.json` | feature and class names, σ per feature, the most important feature and how it was chosen, shift parameters, seeds |
+| `train.X.npy`, `train.y.npy` | training features and labels |
+| `holdout.X.npy`, `holdout.y.npy` | held-out features and labels (the models' accuracy is measured on these) |
+| `train.csv`, `holdout.csv` | the same features as CSV: a header row of feature names, then one row per sample, `%.9g` (round-trips float32), no label column |
+| `shift-noise.X.npy` | held-out features plus Gaussian noise of 0.5 σ per feature (σ of the training split; constant pixels get none) |
+| `shift-mean.X.npy` | held-out features with the most important feature shifted by +1 σ, all else unchanged |
+| `shift-prior.X.npy`, `shift-prior.y.npy` | class-prior shift: the held-out rows resampled with replacement, same length n: the held-out split's rarest class (lowest index on ties) becomes dominant with ⌊share·n⌋ rows, share 50 % (80 % for the two-class cancer data), the rest from the other classes |
+| `meta.json` | feature and class names, row and class counts, float32 mean and σ per training feature, the most important feature (index, name, how it was chosen, top 5), shift parameters, split and seeds |
 
-The most important feature is the one with the highest permutation importance (5 repeats) of the
-dataset's reference model on the held-out split: `digits-mlp/v2` for digits, `wine-forest/v1`,
-`cancer-logreg/v1`.
+Shifts use `numpy.random.default_rng({SHIFT_SEED})`. The most important feature is the one with the
+highest permutation importance (accuracy drop, 5 repeats, `random_state=0`) of that dataset's model
+on its held-out split:
 
-## Versions
+| dataset | train / held-out rows | features | most important feature (mean shift) | dominant class of `shift-prior` (held-out share → shifted) | chosen by |
+|---|---|---|---|---|---|
+{chr(10).join(shift_rows)}
 
+## Reproducibility
+
+`make.py` seeds everything, runs numpy/BLAS single-threaded (`OMP_NUM_THREADS`,
+`OPENBLAS_NUM_THREADS`, `MKL_NUM_THREADS` = 1, set before numpy is imported), writes JSON with fixed
+formatting and no timestamps, and names the ONNX graphs itself (skl2onnx would pick random ones).
+OpenBLAS and numpy choose SIMD kernels by CPU, and AVX2 and AVX-512 kernels round differently, which
+changes trained weights; so on x86-64 CPUs with AVX2+FMA `make.py` pins them to the AVX2 kernels
+(`OPENBLAS_CORETYPE=Haswell`, `NPY_DISABLE_CPU_FEATURES="X86_V4 AVX512_ICL AVX512_SPR"`). On other
+CPUs (e.g. arm64) the weights will differ from the committed ones. onnxruntime also picks kernels by
+CPU, so on a different CPU family the self-test expectations could differ in the last bits even
+with identical models; the committed files were made on an x86-64 machine with AVX-512.
+
+Versions: Python {platform.python_version()}, numpy {np.__version__}, scipy {scipy.__version__},
+scikit-learn {sklearn.__version__}, skl2onnx {skl2onnx.__version__}, onnx {onnx.__version__},
+onnxruntime {ort.__version__} (pinned in `requirements.txt`).
 """
 
 
@@ -405,19 +578,10 @@ def write_readme(w, metrics, meta):
     rows = []
     for rel, m in metrics.items():
         rows.append(
-            f"| `{rel}` | {'; '.join(m['inputs'])} | {'; '.join(m['outputs'])} | {m['bytes']} "
-            f"| {m['accuracy']:.4f} | {m['source']} |"
+            f"| {m['model']} | {m['version']} | `{rel}` | {'; '.join(m['inputs'])} | {'; '.join(m['outputs'])} "
+            f"| {m['bytes']} | {m['accuracy']:.4f} ({m['correct']}/{m['holdout_rows']}) | {m['source']} |"
         )
-    important = "\n".join(
-        f"- {name}: feature {i['index']} (`{i['name']}`)" for name, i in meta.items()
-    )
-    versions = (
-        f"Made with numpy {np.__version__}, scikit-learn "
-        f"{sklearn.__version__}, skl2onnx {skl2onnx.__version__}, onnx {onnx.__version__}, "
-        f"onnxruntime {ort.__version__} (pinned in `requirements.txt`).\n\n"
-        f"Most important features:\n{important}\n"
-    )
-    w.bytes("README.md", (README_HEAD + "\n".join(rows) + "\n" + README_TAIL + versions).encode())
+    w.bytes("README.md", (README_HEAD + "\n".join(rows) + "\n" + readme_tail(metrics, meta)).encode())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,21 +593,23 @@ def main():
                         help="output directory (default: this script's directory)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=ConvergenceWarning)
+    log(f"numerics: {NUMERICS}; writing to {args.out}")
     w = Writer(args.out)
     metrics = {}
-    important = {}
+    meta = {}
 
     log("digits: 1797 images of 8x8 pixels, 10 classes")
     digits = load_digits()
     X_tr, X_ho, y_tr, y_ho = split(digits.data, digits.target)
-    v1 = Pipeline([("scale", StandardScaler()),
-                   ("mlp", MLPClassifier((32,), max_iter=400, random_state=1))]).fit(X_tr, y_tr)
+    # v1: a plain MLP on the raw 0..16 pixels; v2 adds standardisation (folded into the ONNX
+    # graph) and a bigger network, and is better.
+    v1 = MLPClassifier((32,), max_iter=400, random_state=1).fit(X_tr, y_tr)
     export(w, metrics, "digits-mlp/v1.onnx", sklearn_to_onnx(v1, 64, "digits_mlp_v1"), "input", X_ho, y_ho,
-           "load_digits; StandardScaler + MLPClassifier(32), seed 1")
+           "load_digits raw pixels; MLPClassifier(hidden (32,), relu, adam, max_iter 400), random_state 1")
     v2 = Pipeline([("scale", StandardScaler()),
                    ("mlp", MLPClassifier((128, 64), alpha=1e-3, max_iter=600, random_state=2))]).fit(X_tr, y_tr)
     export(w, metrics, "digits-mlp/v2.onnx", sklearn_to_onnx(v2, 64, "digits_mlp_v2"), "input", X_ho, y_ho,
-           "load_digits; StandardScaler + MLPClassifier(128, 64), alpha 1e-3, seed 2")
+           "load_digits; StandardScaler + MLPClassifier(hidden (128, 64), alpha 1e-3, max_iter 600), random_state 2")
     rng = np.random.default_rng(3)
     y_bad = y_tr.copy()
     for c in (1, 3, 7):
@@ -453,28 +619,37 @@ def main():
     v3 = Pipeline([("scale", StandardScaler()),
                    ("mlp", MLPClassifier((512, 512), max_iter=60, random_state=3))]).fit(X_tr, y_bad)
     export(w, metrics, "digits-mlp/v3.onnx", sklearn_to_onnx(v3, 64, "digits_mlp_v3"), "input", X_ho, y_ho,
-           "load_digits with 40 % of classes 1, 3, 7 relabelled; MLPClassifier(512, 512), seed 3 (bad on purpose)")
-    important["digits"] = most_important(v2, X_ho, y_ho)
+           "load_digits, 40 % of the training labels of classes 1, 3, 7 relabelled as the next class "
+           "(seed 3); StandardScaler + MLPClassifier(hidden (512, 512), max_iter 60), random_state 3 (bad on purpose)")
     pixel_names = [f"pixel_{r}_{c}" for r in range(8) for c in range(8)]
-    write_dataset(w, "digits", pixel_names, [str(c) for c in range(10)], X_tr, y_tr, X_ho, y_ho,
-                  important["digits"], "permutation importance of digits-mlp/v2 on the held-out split")
+    meta["digits"] = write_dataset(
+        w, "digits", pixel_names, [str(c) for c in range(10)], X_tr, y_tr, X_ho, y_ho,
+        importance_ranking(v2, X_ho, y_ho), "permutation importance of digits-mlp/v2 on the held-out split")
 
     log("digits-cnn: the same digits as [N,1,8,8] images / 16, trained in numpy")
-    (W1, b1, W2, b2), _ = train_cnn(X_tr / 16.0, y_tr)
-    cnn = cnn_to_onnx(W1, b1, W2, b2)
-    export(w, metrics, "digits-cnn/v1.onnx", cnn, "image",
-           (X_ho / 16.0).astype(np.float32).reshape(-1, 1, 8, 8), y_ho,
-           "load_digits / 16 as images; Conv3x3(8) ReLU MaxPool2 Dense(10), numpy Adam, 40 epochs, seed 7")
+    cnn_params = train_cnn(X_tr / 16.0, y_tr)
+    cnn = cnn_to_onnx(*cnn_params)
+    images_ho = (X_ho / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
+    export(w, metrics, "digits-cnn/v1.onnx", cnn, "image", images_ho, y_ho,
+           "load_digits / 16 as [N,1,8,8] images; Conv3x3 1→8 pad 1, ReLU, MaxPool2 → 8x4x4, Flatten, "
+           "Gemm → 10, Softmax; trained in numpy: Adam lr 0.01, batch 64, 40 epochs, seed 7")
+    ours = cnn_probabilities(cnn_params, images_ho)
+    theirs = session(cnn.SerializeToString()).run(["probabilities"], {"image": images_ho})[0]
+    gap = float(np.abs(ours - theirs).max())
+    numpy_accuracy = float((ours.argmax(axis=1) == y_ho).mean())
+    assert gap < 1e-5, f"onnxruntime and the numpy forward pass differ by {gap}"
+    log(f"  digits-cnn/v1.onnx: numpy forward pass accuracy {numpy_accuracy:.4f}, "
+        f"max |numpy - onnxruntime| = {gap:.1e}")
 
     log("wine: 178 wines, 13 features, 3 classes")
     wine = load_wine()
     X_tr, X_ho, y_tr, y_ho = split(wine.data, wine.target)
     forest = RandomForestClassifier(n_estimators=30, max_depth=6, random_state=0, n_jobs=1).fit(X_tr, y_tr)
     export(w, metrics, "wine-forest/v1.onnx", sklearn_to_onnx(forest, 13, "wine_forest_v1"), "input", X_ho, y_ho,
-           "load_wine; RandomForestClassifier(30 trees, depth 6), seed 0")
-    important["wine"] = most_important(forest, X_ho, y_ho)
-    write_dataset(w, "wine", list(wine.feature_names), list(wine.target_names), X_tr, y_tr, X_ho, y_ho,
-                  important["wine"], "permutation importance of wine-forest/v1 on the held-out split")
+           "load_wine; RandomForestClassifier(30 trees, max_depth 6), random_state 0")
+    meta["wine"] = write_dataset(
+        w, "wine", list(wine.feature_names), list(wine.target_names), X_tr, y_tr, X_ho, y_ho,
+        importance_ranking(forest, X_ho, y_ho), "permutation importance of wine-forest/v1 on the held-out split")
 
     log("cancer: 569 tumours, 30 features, 2 classes")
     cancer = load_breast_cancer()
@@ -482,15 +657,12 @@ def main():
     logreg = Pipeline([("scale", StandardScaler()),
                        ("logreg", LogisticRegression(max_iter=2000))]).fit(X_tr, y_tr)
     export(w, metrics, "cancer-logreg/v1.onnx", sklearn_to_onnx(logreg, 30, "cancer_logreg_v1"), "input", X_ho, y_ho,
-           "load_breast_cancer; StandardScaler + LogisticRegression")
-    important["cancer"] = most_important(logreg, X_ho, y_ho)
-    write_dataset(w, "cancer", list(cancer.feature_names), list(cancer.target_names), X_tr, y_tr, X_ho, y_ho,
-                  important["cancer"], "permutation importance of cancer-logreg/v1 on the held-out split")
+           "load_breast_cancer; StandardScaler + LogisticRegression(C 1, lbfgs, max_iter 2000)")
+    meta["cancer"] = write_dataset(
+        w, "cancer", list(cancer.feature_names), list(cancer.target_names), X_tr, y_tr, X_ho, y_ho,
+        importance_ranking(logreg, X_ho, y_ho), "permutation importance of cancer-logreg/v1 on the held-out split")
 
     w.json("metrics.json", metrics)
-    meta = {}
-    for name in ("digits", "wine", "cancer"):
-        meta[name] = json.loads((Path(args.out) / f"data/{name}/meta.json").read_text())["most_important_feature"]
     write_readme(w, metrics, meta)
     w.sums()
     log("done")
