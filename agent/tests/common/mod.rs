@@ -2,13 +2,18 @@
 
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fleet_protocol::chunk::{encode_chunk, ChunkHeader, ChunkStatus};
-use fleet_protocol::{decode, ChunkRequest, Sha256Digest, TopicKind, Topics};
+use fleet_protocol::{
+    decode, encode, ChunkRequest, DeviceId, Directive, Envelope, Manifest, ModelDirective,
+    ModelName, ModelVersion, SelfTest, Sha256Digest, SigningKey, State, TopicKind, Topics,
+    DIRECTIVE_TYPE, MANIFEST_TYPE, V1,
+};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 fn free_port() -> u16 {
@@ -134,80 +139,276 @@ pub struct Faults {
 }
 
 /// Plays the server's part of chunk delivery: answers requests on `{root}/d/+/fetch` with slices
-/// of `artifact`, using the protocol crate's codec. Returns a counter of data bytes served.
-pub async fn start_responder(port: u16, artifact: Arc<Vec<u8>>, faults: Faults) -> Arc<AtomicU64> {
-    let served = Arc::new(AtomicU64::new(0));
-    let mut options = MqttOptions::new("test-server", "127.0.0.1", port);
-    options.set_max_packet_size(8 << 20, 8 << 20);
-    let (client, mut eventloop) = AsyncClient::new(options, 256);
-    let topics = Topics::default();
-    client
-        .subscribe(topics.all_devices(TopicKind::Fetch), QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    let digest = Sha256Digest::of(&artifact);
-    let counter = served.clone();
-    tokio::spawn(async move {
-        let mut seen = 0u64;
-        loop {
-            let event = match eventloop.poll().await {
-                Ok(event) => event,
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+/// of the artifacts it holds, using the protocol crate's codec.
+#[derive(Clone)]
+pub struct Responder {
+    artifacts: Arc<Mutex<HashMap<Sha256Digest, Arc<Vec<u8>>>>>,
+    /// Data bytes served so far.
+    pub served: Arc<AtomicU64>,
+}
+
+impl Responder {
+    /// Serves `bytes` under `digest`, whatever they hash to: an artifact swapped on the server.
+    pub fn insert(&self, digest: Sha256Digest, bytes: Vec<u8>) {
+        self.artifacts
+            .lock()
+            .unwrap()
+            .insert(digest, Arc::new(bytes));
+    }
+
+    /// Makes an artifact available and returns its digest.
+    pub fn add(&self, artifact: Vec<u8>) -> Sha256Digest {
+        let digest = Sha256Digest::of(&artifact);
+        self.artifacts
+            .lock()
+            .unwrap()
+            .insert(digest, Arc::new(artifact));
+        digest
+    }
+
+    pub async fn start(port: u16, faults: Faults) -> Responder {
+        let responder = Responder {
+            artifacts: Arc::new(Mutex::new(HashMap::new())),
+            served: Arc::new(AtomicU64::new(0)),
+        };
+        let mut options = MqttOptions::new(format!("test-server-{port}"), "127.0.0.1", port);
+        options.set_max_packet_size(8 << 20, 8 << 20);
+        let (client, mut eventloop) = AsyncClient::new(options, 256);
+        let topics = Topics::default();
+        client
+            .subscribe(topics.all_devices(TopicKind::Fetch), QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        let this = responder.clone();
+        tokio::spawn(async move {
+            let mut seen = 0u64;
+            loop {
+                let event = match eventloop.poll().await {
+                    Ok(event) => event,
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let Event::Incoming(Packet::Publish(p)) = event else {
+                    continue;
+                };
+                let Ok((device, _)) = topics.parse(&p.topic) else {
+                    continue;
+                };
+                let Ok(request) = decode::<ChunkRequest>(&p.payload) else {
+                    continue;
+                };
+                seen += 1;
+                if faults.drop_every > 0 && seen.is_multiple_of(faults.drop_every) {
                     continue;
                 }
-            };
-            let Event::Incoming(Packet::Publish(p)) = event else {
-                continue;
-            };
-            let Ok((device, _)) = topics.parse(&p.topic) else {
-                continue;
-            };
-            let Ok(request) = decode::<ChunkRequest>(&p.payload) else {
-                continue;
-            };
-            seen += 1;
-            if faults.drop_every > 0 && seen.is_multiple_of(faults.drop_every) {
-                continue;
+                let artifact = this.artifacts.lock().unwrap().get(&request.sha256).cloned();
+                let header = |status| ChunkHeader {
+                    status,
+                    sha256: request.sha256,
+                    offset: request.offset,
+                };
+                let reply = match artifact {
+                    None => encode_chunk(&header(ChunkStatus::NotFound), &[]),
+                    Some(a) if request.offset >= a.len() as u64 => {
+                        encode_chunk(&header(ChunkStatus::OutOfRange), &[])
+                    }
+                    Some(a) => {
+                        let start = request.offset as usize;
+                        let end = (start + request.len as usize).min(a.len());
+                        let mut data = a[start..end].to_vec();
+                        if end == a.len() {
+                            data.extend(std::iter::repeat_n(0xAA, faults.overlong_by));
+                        }
+                        this.served.fetch_add(data.len() as u64, Ordering::Relaxed);
+                        encode_chunk(&header(ChunkStatus::Ok), &data)
+                    }
+                };
+                let topic = topics.topic(&device, TopicKind::Chunk);
+                let _ = client.publish(topic, QoS::AtLeastOnce, false, reply).await;
             }
-            let reply = if request.sha256 != digest {
-                encode_chunk(
-                    &ChunkHeader {
-                        status: ChunkStatus::NotFound,
-                        sha256: request.sha256,
-                        offset: request.offset,
-                    },
-                    &[],
-                )
-            } else if request.offset >= artifact.len() as u64 {
-                encode_chunk(
-                    &ChunkHeader {
-                        status: ChunkStatus::OutOfRange,
-                        sha256: digest,
-                        offset: request.offset,
-                    },
-                    &[],
-                )
-            } else {
-                let start = request.offset as usize;
-                let end = (start + request.len as usize).min(artifact.len());
-                let mut data = artifact[start..end].to_vec();
-                if end == artifact.len() {
-                    data.extend(std::iter::repeat_n(0xAA, faults.overlong_by));
+        });
+        responder
+    }
+}
+
+/// A responder holding one artifact; returns its served-bytes counter.
+pub async fn start_responder(port: u16, artifact: Arc<Vec<u8>>, faults: Faults) -> Arc<AtomicU64> {
+    let responder = Responder::start(port, faults).await;
+    responder.add(artifact.to_vec());
+    responder.served
+}
+
+/// The test fleet's keys: fixed seeds, so failures reproduce.
+pub fn release_key() -> SigningKey {
+    SigningKey::from_bytes(&[2; 32])
+}
+
+pub fn fleet_key() -> SigningKey {
+    SigningKey::from_bytes(&[1; 32])
+}
+
+/// Writes `release.pub` and `fleet.pub` into `dir`.
+pub fn write_public_keys(dir: &std::path::Path) {
+    for (name, key) in [("release.pub", release_key()), ("fleet.pub", fleet_key())] {
+        let pem = fleet_protocol::keys::verifying_key_to_pem(&key.verifying_key()).unwrap();
+        std::fs::write(dir.join(name), pem).unwrap();
+    }
+}
+
+pub fn models_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models")
+}
+
+/// A sample model's bytes and the manifest a release engineer would sign for it: signature read
+/// with tract, self-test from the committed onnxruntime case.
+pub fn sample_manifest(model: &str, version: &str, release: u64) -> (Vec<u8>, Manifest) {
+    let path = models_dir().join(model).join(format!("{version}.onnx"));
+    let onnx = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let case: SelfTest =
+        serde_json::from_slice(&std::fs::read(path.with_extension("selftest.json")).unwrap())
+            .unwrap();
+    let signature = edge_agent::runtime::inspect(&onnx).unwrap();
+    let manifest = Manifest {
+        v: V1,
+        name: ModelName::new(model).unwrap(),
+        release,
+        version: ModelVersion::new(version).unwrap(),
+        sha256: Sha256Digest::of(&onnx),
+        size: onnx.len() as u64,
+        inputs: signature.inputs,
+        outputs: signature.outputs,
+        self_test: case,
+        profile_sha256: None,
+        min_agent_version: None,
+        created_at_ms: 0,
+    };
+    (onnx, manifest)
+}
+
+pub fn sign_manifest(manifest: &Manifest) -> Envelope {
+    Envelope::sign(MANIFEST_TYPE, encode(manifest), &release_key())
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// A directive for `device` naming `models`, signed by the fleet key.
+pub fn directive(device: &str, seq: u64, models: Vec<(Envelope, bool)>) -> Vec<u8> {
+    let directive = Directive {
+        v: V1,
+        device: DeviceId::new(device).unwrap(),
+        seq,
+        issued_at_ms: now_ms(),
+        expires_at_ms: now_ms() + 3_600_000,
+        models: models
+            .into_iter()
+            .map(|(manifest, rollback)| ModelDirective {
+                manifest,
+                rollback,
+                rollout: None,
+            })
+            .collect(),
+    };
+    encode(&Envelope::sign(
+        DIRECTIVE_TYPE,
+        encode(&directive),
+        &fleet_key(),
+    ))
+}
+
+/// The server's side of the control topics: publishes directives (retained) and follows the
+/// reported state.
+pub struct Control {
+    client: AsyncClient,
+    pub states: tokio::sync::watch::Receiver<Option<State>>,
+}
+
+impl Control {
+    pub async fn start(port: u16, device: &str) -> Control {
+        let mut options = MqttOptions::new(format!("test-control-{device}"), "127.0.0.1", port);
+        options.set_max_packet_size(8 << 20, 8 << 20);
+        let (client, mut eventloop) = AsyncClient::new(options, 64);
+        let topics = Topics::default();
+        let device = DeviceId::new(device).unwrap();
+        client
+            .subscribe(topics.topic(&device, TopicKind::State), QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        let (tx, states) = tokio::sync::watch::channel(None);
+        tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        if let Ok(state) = decode::<State>(&p.payload) {
+                            tx.send_replace(Some(state));
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
                 }
-                counter.fetch_add(data.len() as u64, Ordering::Relaxed);
-                encode_chunk(
-                    &ChunkHeader {
-                        status: ChunkStatus::Ok,
-                        sha256: digest,
-                        offset: request.offset,
-                    },
-                    &data,
-                )
-            };
-            let topic = topics.topic(&device, TopicKind::Chunk);
-            let _ = client.publish(topic, QoS::AtLeastOnce, false, reply).await;
+            }
+        });
+        Control { client, states }
+    }
+
+    pub async fn publish_directive(&self, device: &str, payload: Vec<u8>) {
+        let topic = Topics::default().topic(&DeviceId::new(device).unwrap(), TopicKind::Directive);
+        self.client
+            .publish(topic, QoS::AtLeastOnce, true, payload)
+            .await
+            .unwrap();
+    }
+
+    /// Waits until the reported state satisfies `check`, or panics with the last state seen.
+    pub async fn wait_for(&mut self, what: &str, check: impl Fn(&State) -> bool) -> State {
+        let found = tokio::time::timeout(
+            Duration::from_secs(60),
+            self.states.wait_for(|s| s.as_ref().is_some_and(&check)),
+        )
+        .await
+        .ok()
+        .and_then(|r| r.ok().map(|state| state.clone()));
+        match found {
+            Some(Some(state)) => state,
+            _ => panic!(
+                "timed out waiting for {what}; last state: {:#?}",
+                *self.states.borrow()
+            ),
         }
-    });
-    served
+    }
+}
+
+/// A minimal HTTP/1.1 client for the agent's local API: returns (status, body).
+pub fn http(port: u16, method: &str, path: &str, body: &[u8]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("API reachable");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    stream.write_all(body).unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).unwrap();
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
 }
