@@ -594,3 +594,559 @@ fn flatten_into(values: Vec<Value>, out: &mut Vec<Value>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! These tests run the real server on a loopback socket and talk HTTP/1.1 to it with a
+    //! deliberately tiny client, so routing, body limits, status codes and headers are
+    //! exercised as a device application would see them.
+
+    use std::net::SocketAddr;
+    use std::path::{Path as FsPath, PathBuf};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Mutex, OnceLock};
+    use std::time::Duration;
+
+    use fleet_protocol::tensor::compare_outputs;
+    use fleet_protocol::{SelfTest, TensorData};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+    use crate::runtime::inspect;
+
+    fn models_dir() -> PathBuf {
+        FsPath::new(env!("CARGO_MANIFEST_DIR")).join("../models")
+    }
+
+    /// A sample model's plan and self-test, loaded once per test process (optimising a plan
+    /// is the slowest part of these tests).
+    fn sample(model: &str, version: &str) -> (Plan, Arc<SelfTest>) {
+        type Cache = Mutex<BTreeMap<String, (Plan, Arc<SelfTest>)>>;
+        static CACHE: OnceLock<Cache> = OnceLock::new();
+        let key = format!("{model}/{version}");
+        let cache = CACHE.get_or_init(Default::default);
+        if let Some(hit) = cache.lock().unwrap().get(&key) {
+            return hit.clone();
+        }
+        let dir = models_dir().join(model);
+        let onnx = std::fs::read(dir.join(format!("{version}.onnx"))).unwrap();
+        let case: SelfTest = serde_json::from_slice(
+            &std::fs::read(dir.join(format!("{version}.selftest.json"))).unwrap(),
+        )
+        .unwrap();
+        let signature = inspect(&onnx).unwrap();
+        let plan = Plan::load(&onnx, &signature.inputs).unwrap();
+        let loaded = (plan, Arc::new(case));
+        cache.lock().unwrap().insert(key, loaded.clone());
+        loaded
+    }
+
+    fn serving(model: &str, version: &str, release: u64) -> Arc<ServingModel> {
+        let (plan, _) = sample(model, version);
+        Arc::new(ServingModel::new(
+            ModelName::new(model).unwrap(),
+            ModelVersion::new(version).unwrap(),
+            release,
+            plan,
+        ))
+    }
+
+    struct Server {
+        addr: SocketAddr,
+        state: ServeState,
+        stop: Option<tokio::sync::oneshot::Sender<()>>,
+        task: tokio::task::JoinHandle<std::io::Result<()>>,
+    }
+
+    impl Server {
+        async fn start(models: Vec<Arc<ServingModel>>, config: ServeConfig) -> Server {
+            let table = Arc::new(ModelTable::new());
+            for model in models {
+                table.set(model);
+            }
+            let state = ServeState::new(table, Arc::new(Metrics::new()), &config);
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(serve(listener, state.clone(), async {
+                let _ = stopped.await;
+            }));
+            Server {
+                addr,
+                state,
+                stop: Some(stop),
+                task,
+            }
+        }
+
+        async fn get(&self, path: &str) -> Reply {
+            http(self.addr, "GET", path, None).await
+        }
+
+        async fn post(&self, path: &str, body: &str) -> Reply {
+            http(self.addr, "POST", path, Some(body)).await
+        }
+
+        /// Stops the server and checks that it shut down cleanly.
+        async fn stop(mut self) {
+            if let Some(stop) = self.stop.take() {
+                let _ = stop.send(());
+            }
+            tokio::time::timeout(Duration::from_secs(10), self.task)
+                .await
+                .expect("graceful shutdown")
+                .unwrap()
+                .unwrap();
+        }
+    }
+
+    #[derive(Debug)]
+    struct Reply {
+        status: u16,
+        head: String,
+        body: String,
+    }
+
+    impl Reply {
+        fn json(&self) -> Value {
+            serde_json::from_str(&self.body)
+                .unwrap_or_else(|e| panic!("{e}: response body is not JSON: {:?}", self.body))
+        }
+
+        fn error(&self) -> String {
+            self.json()["error"]
+                .as_str()
+                .unwrap_or_else(|| panic!("no error message in {:?}", self.body))
+                .to_string()
+        }
+
+        fn header(&self, name: &str) -> Option<&str> {
+            self.head.lines().find_map(|line| {
+                let (k, v) = line.split_once(':')?;
+                k.eq_ignore_ascii_case(name).then(|| v.trim())
+            })
+        }
+    }
+
+    /// One request on a fresh connection (`Connection: close`), response read to EOF.
+    async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> Reply {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let body = body.unwrap_or("");
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        // A server that refuses a body without reading it may reset the connection after
+        // its response; what arrived before the reset is the response.
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => raw.extend_from_slice(&buf[..n]),
+            }
+        }
+        let text = String::from_utf8(raw).unwrap();
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .unwrap_or_else(|| panic!("no complete response: {text:?}"));
+        assert!(
+            !head.to_ascii_lowercase().contains("transfer-encoding: chunked"),
+            "the test client does not decode chunked bodies"
+        );
+        let status = head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("bad status line in {head:?}"));
+        Reply {
+            status,
+            head: head.to_string(),
+            body: body.to_string(),
+        }
+    }
+
+    fn infer_body(inputs: &[Tensor]) -> String {
+        json!({ "inputs": inputs }).to_string()
+    }
+
+    fn response_outputs(reply: &Reply) -> Vec<Tensor> {
+        serde_json::from_value(reply.json()["outputs"].clone()).unwrap()
+    }
+
+    #[test]
+    fn table_swaps_without_disturbing_holders() {
+        let table = ModelTable::new();
+        assert!(table.is_empty());
+        let v1 = serving("digits-mlp", "v1", 1);
+        let v2 = serving("digits-mlp", "v2", 2);
+        assert!(table.set(Arc::clone(&v1)).is_none());
+        let held = table.get("digits-mlp").unwrap();
+        let replaced = table.set(Arc::clone(&v2)).unwrap();
+        assert!(Arc::ptr_eq(&replaced, &v1));
+        // The holder still has v1 and can still run it.
+        assert_eq!(held.version.as_str(), "v1");
+        let (_, case) = sample("digits-mlp", "v1");
+        held.plan.run(&case.inputs).unwrap();
+        assert_eq!(table.get("digits-mlp").unwrap().version.as_str(), "v2");
+        assert!(table.get("../etc").is_none());
+        table.set(serving("cancer-logreg", "v1", 1));
+        let names: Vec<String> = table.list().iter().map(|m| m.name.to_string()).collect();
+        assert_eq!(names, ["cancer-logreg", "digits-mlp"]);
+        let removed = table.remove(&ModelName::new("digits-mlp").unwrap()).unwrap();
+        assert!(Arc::ptr_eq(&removed, &v2));
+        assert!(table.get("digits-mlp").is_none());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn health_and_metadata() {
+        let server = Server::start(
+            vec![serving("cancer-logreg", "v1", 1)],
+            ServeConfig::default(),
+        )
+        .await;
+        assert_eq!(server.get("/v2/health/live").await.status, 200);
+        assert_eq!(server.get("/v2/health/ready").await.status, 200);
+
+        let meta = server.get("/v2").await;
+        assert_eq!(meta.status, 200);
+        assert_eq!(meta.json()["name"], SERVER_NAME);
+        assert_eq!(meta.json()["extensions"], json!([]));
+        assert!(meta.json()["version"].is_string());
+
+        let expected = json!({
+            "name": "cancer-logreg",
+            "versions": ["v1"],
+            "platform": "onnx",
+            "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 30]}],
+            "outputs": [
+                {"name": "label", "datatype": "INT64", "shape": [-1]},
+                {"name": "probabilities", "datatype": "FP32", "shape": [-1, 2]},
+            ],
+        });
+        let model = server.get("/v2/models/cancer-logreg").await;
+        assert_eq!((model.status, model.json()), (200, expected.clone()));
+        let versioned = server.get("/v2/models/cancer-logreg/versions/v1").await;
+        assert_eq!((versioned.status, versioned.json()), (200, expected));
+        assert!(model
+            .header("content-type")
+            .is_some_and(|v| v.starts_with("application/json")));
+
+        assert_eq!(server.get("/v2/models/cancer-logreg/ready").await.status, 200);
+        assert_eq!(
+            server
+                .get("/v2/models/cancer-logreg/versions/v1/ready")
+                .await
+                .status,
+            200
+        );
+        let other_version = server.get("/v2/models/cancer-logreg/versions/v7").await;
+        assert_eq!(other_version.status, 404);
+        assert!(other_version.error().contains("active version is \"v1\""));
+        assert_eq!(
+            server
+                .get("/v2/models/cancer-logreg/versions/v7/ready")
+                .await
+                .status,
+            404
+        );
+
+        let unknown = server.get("/v2/models/wine-forest").await;
+        assert_eq!(unknown.status, 404);
+        assert!(unknown.error().contains("\"cancer-logreg\""), "{unknown:?}");
+        assert_eq!(server.get("/v2/models/wine-forest/ready").await.status, 404);
+        let nowhere = server.get("/v3/whatever").await;
+        assert_eq!(nowhere.status, 404);
+        assert!(nowhere.error().contains("/v3/whatever"));
+        server.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn inference_reproduces_the_self_tests() {
+        let server = Server::start(
+            vec![
+                serving("cancer-logreg", "v1", 1),
+                serving("digits-mlp", "v1", 1),
+            ],
+            ServeConfig::default(),
+        )
+        .await;
+        for (model, path) in [
+            ("cancer-logreg", "/v2/models/cancer-logreg/infer"),
+            ("digits-mlp", "/v2/models/digits-mlp/infer"),
+            ("digits-mlp", "/v2/models/digits-mlp/versions/v1/infer"),
+        ] {
+            let (_, case) = sample(model, "v1");
+            let body = json!({ "id": "req-7", "inputs": case.inputs, "parameters": {} });
+            let reply = server.post(path, &body.to_string()).await;
+            assert_eq!(reply.status, 200, "{path}: {}", reply.body);
+            let response = reply.json();
+            assert_eq!(response["model_name"], model);
+            assert_eq!(response["model_version"], "v1");
+            assert_eq!(response["id"], "req-7");
+            compare_outputs(&case.outputs, &response_outputs(&reply), case.tolerance)
+                .unwrap_or_else(|e| panic!("{path}: {e}"));
+        }
+
+        // Nested data, as people write it by hand, is flattened row-major.
+        let (_, case) = sample("cancer-logreg", "v1");
+        let input = &case.inputs[0];
+        let TensorData::F32(flat) = &input.data else {
+            panic!("cancer-logreg input is FP32")
+        };
+        let rows: Vec<&[f32]> = flat.chunks(30).collect();
+        let nested = json!({ "inputs": [{
+            "name": "input", "datatype": "FP32", "shape": input.shape, "data": rows,
+        }]});
+        let reply = server
+            .post("/v2/models/cancer-logreg/infer", &nested.to_string())
+            .await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        assert!(reply.json().get("id").is_none());
+        compare_outputs(&case.outputs, &response_outputs(&reply), case.tolerance).unwrap();
+
+        let counters = server.state.metrics.snapshot_model(
+            &ModelName::new("digits-mlp").unwrap(),
+            &ModelVersion::new("v1").unwrap(),
+        );
+        assert_eq!((counters.count, counters.latency.count), (2, 2));
+        server.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requested_outputs_are_filtered() {
+        let server = Server::start(
+            vec![serving("cancer-logreg", "v1", 1)],
+            ServeConfig::default(),
+        )
+        .await;
+        let (_, case) = sample("cancer-logreg", "v1");
+        let path = "/v2/models/cancer-logreg/infer";
+
+        let body = json!({ "inputs": case.inputs, "outputs": [{"name": "probabilities"}] });
+        let reply = server.post(path, &body.to_string()).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        let outputs = response_outputs(&reply);
+        assert_eq!(outputs.len(), 1);
+        assert_eq!(outputs[0].name, "probabilities");
+        compare_outputs(&case.outputs[1..], &outputs, case.tolerance).unwrap();
+
+        let body = json!({ "inputs": case.inputs, "outputs": [{"name": "logits"}] });
+        let reply = server.post(path, &body.to_string()).await;
+        assert_eq!(reply.status, 400);
+        let message = reply.error();
+        assert!(
+            message.contains("\"logits\"")
+                && message.contains("\"label\"")
+                && message.contains("\"probabilities\""),
+            "{message}"
+        );
+        server.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bad_requests_say_what_was_expected() {
+        let server = Server::start(
+            vec![serving("cancer-logreg", "v1", 1)],
+            ServeConfig::default(),
+        )
+        .await;
+        let path = "/v2/models/cancer-logreg/infer";
+        let refused = |reply: Reply, status: u16, needle: &str| {
+            assert_eq!(reply.status, status, "{reply:?}");
+            let message = reply.error();
+            assert!(message.contains(needle), "{needle:?} not in {message:?}");
+        };
+
+        let wrong_shape = Tensor::new("input", vec![2, 31], TensorData::F32(vec![0.5; 62])).unwrap();
+        refused(
+            server.post(path, &infer_body(&[wrong_shape])).await,
+            400,
+            "expected [N, 30]",
+        );
+        let wrong_type = Tensor::new("input", vec![1, 30], TensorData::I64(vec![1; 30])).unwrap();
+        refused(
+            server.post(path, &infer_body(&[wrong_type])).await,
+            400,
+            "has datatype INT64, expected FP32",
+        );
+        refused(
+            server.post(path, r#"{"inputs": []}"#).await,
+            400,
+            "input \"input\" (FP32 [N, 30]) is missing",
+        );
+        refused(
+            server.post(path, r#"{"inputs": [{"name": "input""#).await,
+            400,
+            "malformed inference request",
+        );
+        refused(
+            server
+                .post(
+                    path,
+                    r#"{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 30], "data": [1, 2]}]}"#,
+                )
+                .await,
+            400,
+            "(30 elements) but 2 data elements",
+        );
+        refused(
+            server
+                .post(
+                    path,
+                    r#"{"inputs": [{"name": "input", "datatype": "FP16", "shape": [1], "data": [1]}]}"#,
+                )
+                .await,
+            400,
+            "unknown datatype \"FP16\"",
+        );
+        refused(
+            server
+                .post(
+                    path,
+                    r#"{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 30], "data": [], "parameters": {"binary_data_size": 120}}]}"#,
+                )
+                .await,
+            400,
+            "binary_data=False",
+        );
+        let ok_input = infer_body(&sample("cancer-logreg", "v1").1.inputs);
+        refused(
+            server.post("/v2/models/digits-mlp/infer", &ok_input).await,
+            404,
+            "available models: \"cancer-logreg\"",
+        );
+        refused(
+            server
+                .post("/v2/models/cancer-logreg/versions/v2/infer", &ok_input)
+                .await,
+            404,
+            "the active version is \"v1\"",
+        );
+
+        // Every refusal that reached the model is counted against it; the two 404s are not.
+        let counters = server.state.metrics.snapshot_model(
+            &ModelName::new("cancer-logreg").unwrap(),
+            &ModelVersion::new("v1").unwrap(),
+        );
+        assert_eq!(counters.count, 7);
+        assert_eq!(counters.errors.get(KIND_BAD_REQUEST), Some(&7));
+        assert_eq!(counters.latency.count, 0);
+        server.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nothing_served_means_not_ready() {
+        let server = Server::start(Vec::new(), ServeConfig::default()).await;
+        assert_eq!(server.get("/v2/health/live").await.status, 200);
+        let ready = server.get("/v2/health/ready").await;
+        assert_eq!(ready.status, 503);
+        assert!(ready.error().contains("no model"));
+        let infer = server
+            .post("/v2/models/digits-mlp/infer", r#"{"inputs": []}"#)
+            .await;
+        assert_eq!(infer.status, 503);
+        assert_eq!(server.get("/v2/models/digits-mlp").await.status, 503);
+
+        // Becoming ready needs no restart.
+        server.state.models.set(serving("digits-mlp", "v1", 1));
+        assert_eq!(server.get("/v2/health/ready").await.status, 200);
+        server.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn oversized_bodies_are_refused() {
+        let config = ServeConfig {
+            max_body_bytes: 2048,
+            ..ServeConfig::default()
+        };
+        let server = Server::start(vec![serving("cancer-logreg", "v1", 1)], config).await;
+        // The self-test input (8 rows of 30 features) is well over 2 KiB of JSON.
+        let body = infer_body(&sample("cancer-logreg", "v1").1.inputs);
+        assert!(body.len() > 2048);
+        let reply = server.post("/v2/models/cancer-logreg/infer", &body).await;
+        assert_eq!(reply.status, 413, "{reply:?}");
+        assert!(reply.error().contains("2048 bytes"));
+        let counters = server.state.metrics.snapshot_model(
+            &ModelName::new("cancer-logreg").unwrap(),
+            &ModelVersion::new("v1").unwrap(),
+        );
+        assert_eq!(counters.errors.get(KIND_TOO_LARGE), Some(&1));
+        server.stop().await;
+    }
+
+    /// Two clients infer continuously while the installer swaps digits-mlp between v1 and
+    /// v2 many times: every request succeeds, and its outputs are those of the version the
+    /// response names (both self-tests share their inputs), so no request ran half on one
+    /// plan and was reported as the other.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hot_swap_under_load_loses_nothing() {
+        let v1 = serving("digits-mlp", "v1", 1);
+        let v2 = serving("digits-mlp", "v2", 2);
+        let (_, case1) = sample("digits-mlp", "v1");
+        let (_, case2) = sample("digits-mlp", "v2");
+        assert_eq!(case1.inputs, case2.inputs);
+        let server = Server::start(vec![Arc::clone(&v1)], ServeConfig::default()).await;
+        let body = Arc::new(infer_body(&case1.inputs));
+        let swapping = Arc::new(AtomicBool::new(true));
+
+        let clients: Vec<_> = (0..2)
+            .map(|_| {
+                let (addr, body, swapping) = (server.addr, body.clone(), swapping.clone());
+                let (case1, case2) = (case1.clone(), case2.clone());
+                tokio::spawn(async move {
+                    let mut served = BTreeMap::<String, u64>::new();
+                    while swapping.load(Ordering::Relaxed) {
+                        let reply =
+                            http(addr, "POST", "/v2/models/digits-mlp/infer", Some(&body)).await;
+                        assert_eq!(reply.status, 200, "{}", reply.body);
+                        let version = reply.json()["model_version"].as_str().unwrap().to_string();
+                        let case = if version == "v1" { &case1 } else { &case2 };
+                        compare_outputs(&case.outputs, &response_outputs(&reply), case.tolerance)
+                            .unwrap_or_else(|e| panic!("response claims {version}: {e}"));
+                        *served.entry(version).or_default() += 1;
+                    }
+                    served
+                })
+            })
+            .collect();
+
+        for i in 0..200 {
+            let next = if i % 2 == 0 { &v2 } else { &v1 };
+            server.state.models.set(Arc::clone(next));
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        swapping.store(false, Ordering::Relaxed);
+        let mut served = BTreeMap::<String, u64>::new();
+        for client in clients {
+            for (version, n) in client.await.unwrap() {
+                *served.entry(version).or_default() += n;
+            }
+        }
+        let total: u64 = served.values().sum();
+        assert!(total >= 20, "too little load to mean anything: {served:?}");
+
+        // Metrics agree with what the clients saw, per version, and render as Prometheus text.
+        let metrics = server.get("/metrics").await;
+        assert_eq!(metrics.status, 200);
+        assert_eq!(metrics.header("content-type"), Some(PROMETHEUS_CONTENT_TYPE));
+        let text = &metrics.body;
+        for (version, n) in &served {
+            let labels = format!("model=\"digits-mlp\",version=\"{version}\"");
+            for line in [
+                format!("driftgate_inferences_total{{{labels}}} {n}"),
+                format!("driftgate_inference_latency_seconds_count{{{labels}}} {n}"),
+                format!("driftgate_inference_latency_seconds_bucket{{{labels},le=\"+Inf\"}} {n}"),
+            ] {
+                assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+            }
+        }
+        assert!(!text.contains("driftgate_inference_errors_total{"), "{text}");
+        assert!(text.contains("# TYPE driftgate_fetched_bytes_total counter"));
+        eprintln!("served across 200 swaps: {served:?}");
+        server.stop().await;
+    }
+}
