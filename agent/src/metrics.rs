@@ -96,9 +96,7 @@ impl Metrics {
         outcome: Result<(), &'static str>,
     ) {
         let mut models = lock(&self.models);
-        let entry = models
-            .entry((model.clone(), version.clone()))
-            .or_default();
+        let entry = models.entry((model.clone(), version.clone())).or_default();
         entry.total.record(latency_us, outcome);
         entry.interval.record(latency_us, outcome);
     }
@@ -394,7 +392,10 @@ mod tests {
             r#"driftgate_installs_total{outcome="installed"} 2"#.to_string(),
             r#"driftgate_dropped_messages_total{reason="bad_signature"} 1"#.to_string(),
         ] {
-            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
         }
         // Buckets 0..=7, then +Inf: nothing beyond the slowest observation.
         let buckets: Vec<&str> = text

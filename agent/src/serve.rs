@@ -174,7 +174,9 @@ pub enum ApiError {
     NoModels,
     #[error("model {name:?} is not served; available models: {available}")]
     UnknownModel { name: String, available: String },
-    #[error("model {name:?} version {requested:?} is not served; the active version is {active:?}")]
+    #[error(
+        "model {name:?} version {requested:?} is not served; the active version is {active:?}"
+    )]
     UnknownVersion {
         name: String,
         requested: String,
@@ -754,7 +756,9 @@ mod tests {
             .split_once("\r\n\r\n")
             .unwrap_or_else(|| panic!("no complete response: {text:?}"));
         assert!(
-            !head.to_ascii_lowercase().contains("transfer-encoding: chunked"),
+            !head
+                .to_ascii_lowercase()
+                .contains("transfer-encoding: chunked"),
             "the test client does not decode chunked bodies"
         );
         let status = head
@@ -796,7 +800,9 @@ mod tests {
         table.set(serving("cancer-logreg", "v1", 1));
         let names: Vec<String> = table.list().iter().map(|m| m.name.to_string()).collect();
         assert_eq!(names, ["cancer-logreg", "digits-mlp"]);
-        let removed = table.remove(&ModelName::new("digits-mlp").unwrap()).unwrap();
+        let removed = table
+            .remove(&ModelName::new("digits-mlp").unwrap())
+            .unwrap();
         assert!(Arc::ptr_eq(&removed, &v2));
         assert!(table.get("digits-mlp").is_none());
     }
@@ -835,7 +841,10 @@ mod tests {
             .header("content-type")
             .is_some_and(|v| v.starts_with("application/json")));
 
-        assert_eq!(server.get("/v2/models/cancer-logreg/ready").await.status, 200);
+        assert_eq!(
+            server.get("/v2/models/cancer-logreg/ready").await.status,
+            200
+        );
         assert_eq!(
             server
                 .get("/v2/models/cancer-logreg/versions/v1/ready")
@@ -961,7 +970,8 @@ mod tests {
             assert!(message.contains(needle), "{needle:?} not in {message:?}");
         };
 
-        let wrong_shape = Tensor::new("input", vec![2, 31], TensorData::F32(vec![0.5; 62])).unwrap();
+        let wrong_shape =
+            Tensor::new("input", vec![2, 31], TensorData::F32(vec![0.5; 62])).unwrap();
         refused(
             server.post(path, &infer_body(&[wrong_shape])).await,
             400,
@@ -1132,7 +1142,10 @@ mod tests {
         // Metrics agree with what the clients saw, per version, and render as Prometheus text.
         let metrics = server.get("/metrics").await;
         assert_eq!(metrics.status, 200);
-        assert_eq!(metrics.header("content-type"), Some(PROMETHEUS_CONTENT_TYPE));
+        assert_eq!(
+            metrics.header("content-type"),
+            Some(PROMETHEUS_CONTENT_TYPE)
+        );
         let text = &metrics.body;
         for (version, n) in &served {
             let labels = format!("model=\"digits-mlp\",version=\"{version}\"");
@@ -1141,10 +1154,16 @@ mod tests {
                 format!("driftgate_inference_latency_seconds_count{{{labels}}} {n}"),
                 format!("driftgate_inference_latency_seconds_bucket{{{labels},le=\"+Inf\"}} {n}"),
             ] {
-                assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+                assert!(
+                    text.lines().any(|l| l == line),
+                    "missing {line:?} in\n{text}"
+                );
             }
         }
-        assert!(!text.contains("driftgate_inference_errors_total{"), "{text}");
+        assert!(
+            !text.contains("driftgate_inference_errors_total{"),
+            "{text}"
+        );
         assert!(text.contains("# TYPE driftgate_fetched_bytes_total counter"));
         eprintln!("served across 200 swaps: {served:?}");
         server.stop().await;
