@@ -5,6 +5,8 @@
 //! chunked fetch, model store, local inference API, outbox) builds on it.
 
 pub mod config; // agent.toml: documented defaults, paths relative to the file, errors naming the field
+pub mod daemon; // wires the pipeline together and runs it until SIGTERM
+pub mod directive; // directive verification and the per-model install state machine, probation
 pub mod fetch; // chunked, windowed, resumable artifact download bounded by the manifest
 pub mod fsutil; // crash-safe file writes: temp file, fsync, rename, fsync the directory
 pub mod link; // the MQTT session: TLS, last will, jittered reconnect, resubscribe, topic routing

@@ -1,0 +1,170 @@
+//! The daemon: wires the pipeline together and runs it until SIGTERM or Ctrl-C.
+//!
+//! ```text
+//!  broker ──link──► directive controller ──► store (disk) ──► model table ◄── serve (HTTP API)
+//!           ▲  │            │                                      │
+//!           │  └─ chunks ──► fetch                                 └──► metrics ──► /metrics
+//!           └──────── state, status, chunk requests ◄──────────────┘
+//! ```
+//! At start, before connecting, every model's active version is re-verified (signature,
+//! digest, self-test); a broken one falls back to the last good one, so the API serves from
+//! the first second even with no broker in sight.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use fleet_protocol::keys::verifying_key_from_pem;
+use fleet_protocol::state::{Presence, Status};
+use fleet_protocol::{encode, KeyRing, TopicKind, V1};
+
+use crate::config::AgentConfig;
+use crate::directive::{check_model, model_ref, AcceptedDirective, Controller};
+use crate::link::{self, AGENT_VERSION};
+use crate::metrics::Metrics;
+use crate::runtime::Plan;
+use crate::serve::{self, ModelTable, ServeConfig, ServeState, ServingModel};
+use crate::store::ModelStore;
+
+/// Reads a list of public key files into a key ring.
+pub fn read_key_ring(paths: &[std::path::PathBuf], what: &str) -> Result<KeyRing> {
+    let mut ring = KeyRing::new();
+    for path in paths {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{what} key {}", path.display()))?;
+        let key = verifying_key_from_pem(&text)
+            .with_context(|| format!("{what} key {}", path.display()))?;
+        let id = ring.insert(key);
+        tracing::info!(%id, path = %path.display(), "trusting {what} key");
+    }
+    Ok(ring)
+}
+
+/// Runs the agent until it is told to stop.
+pub async fn run(config: AgentConfig) -> Result<()> {
+    let config = Arc::new(config);
+    link::install_crypto_provider();
+    let fleet_keys = read_key_ring(&config.trust.fleet_keys, "fleet")?;
+    let release_keys = read_key_ring(&config.trust.release_keys, "release")?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("data_dir {}", config.data_dir.display()))?;
+    let accepted = AcceptedDirective::load(&config.data_dir).map_err(anyhow::Error::msg)?;
+    let store = Arc::new(
+        ModelStore::open(&config.data_dir, config.store.keep_versions)
+            .with_context(|| format!("model store in {}", config.data_dir.display()))?,
+    );
+
+    // Recover: keep the plans that passed, so each model is loaded once.
+    let table = Arc::new(ModelTable::new());
+    let plans: Mutex<HashMap<(String, String), Plan>> = Mutex::new(HashMap::new());
+    let recoveries = store.recover(&release_keys, |stored| {
+        let plan = check_model(stored)?;
+        plans.lock().expect("not poisoned").insert(
+            (
+                stored.manifest.name.to_string(),
+                stored.manifest.version.to_string(),
+            ),
+            plan,
+        );
+        Ok(())
+    });
+    for recovery in &recoveries {
+        tracing::info!(?recovery, "model store checked");
+    }
+    let mut plans = plans.into_inner().expect("not poisoned");
+    let mut serving = Vec::new();
+    for name in store.models().context("listing stored models")? {
+        let Some(pointer) = store.pointer(&name).context("reading the active pointer")? else {
+            continue;
+        };
+        let stored = store.load(&name, &pointer.active, &release_keys)?;
+        let key = (name.to_string(), pointer.active.to_string());
+        let plan = match plans.remove(&key) {
+            Some(plan) => plan,
+            None => check_model(&stored).map_err(anyhow::Error::msg)?,
+        };
+        tracing::info!(model = %name, version = %pointer.active, "serving");
+        serving.push((name.clone(), model_ref(&stored.manifest)));
+        table.set(Arc::new(ServingModel::new(
+            name,
+            stored.manifest.version.clone(),
+            stored.manifest.release,
+            plan,
+        )));
+    }
+
+    let metrics = Arc::new(Metrics::new());
+    let listener = tokio::net::TcpListener::bind(config.api.listen)
+        .await
+        .with_context(|| format!("api.listen {}", config.api.listen))?;
+    tracing::info!(address = %listener.local_addr()?, "inference API listening");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let serve_state = ServeState::new(
+        table.clone(),
+        metrics.clone(),
+        &ServeConfig {
+            max_concurrent_inferences: config.api.max_concurrent_inferences,
+            max_body_bytes: config.api.max_body_bytes,
+        },
+    );
+    let mut api_stop = stop_rx.clone();
+    let api = tokio::spawn(serve::serve(listener, serve_state, async move {
+        let _ = api_stop.wait_for(|stop| *stop).await;
+    }));
+
+    let (handle, inbound, driver) = link::start(&config)?;
+    tokio::spawn(driver);
+    tracing::info!(broker = %config.broker_address(), device = %config.device_id, "connecting");
+    let controller = Controller::new(
+        config.clone(),
+        fleet_keys,
+        release_keys,
+        store,
+        table,
+        metrics,
+        handle.clone(),
+        accepted,
+        serving,
+    );
+    let controller = tokio::spawn(controller.run(inbound));
+
+    shutdown_signal().await;
+    tracing::info!("stopping");
+    // A clean disconnect suppresses the last will, so say offline ourselves.
+    let offline = encode(&Status {
+        v: V1,
+        state: Presence::Offline,
+        at_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0),
+        agent_version: AGENT_VERSION.to_string(),
+    });
+    let _ = handle.publish(TopicKind::Status, offline).await;
+    handle.disconnect().await;
+    let _ = stop_tx.send(true);
+    controller.abort();
+    let _ = api.await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,582 @@
+//! Directives: verification, and the per-model install state machine.
+//!
+//! For each directive that arrives (the latest one wins; directives are declarative):
+//! 1. verify it (fleet key, this device, sequence, validity window); a refusal is reported in
+//!    the retained state with its reason and changes nothing else;
+//! 2. persist its sequence *before* acting, so a replay after a restart is still refused;
+//! 3. for every model it names: verify the manifest (release key), refuse a downgrade unless
+//!    the directive is a signed rollback, then
+//!    downloading → verifying → staging → self-test → active, or failed with a reason.
+//!    The previous version keeps serving until the new one has passed its self-test;
+//! 4. retire models the directive no longer names.
+//!
+//! The reported state is published (retained) at every transition. A newly active version is
+//! on probation: if its error rate passes the threshold before probation ends, the agent goes
+//! back to the previous version on its own and reports `rolled_back` with the figures.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use fleet_protocol::manifest::parse_semver;
+use fleet_protocol::state::{ModelRef, Refusal};
+use fleet_protocol::trust::{check_release_order, verify_directive, verify_manifest};
+use fleet_protocol::{
+    decode, encode, Directive, Envelope, InstallPhase, KeyRing, Manifest, ModelName, ModelState,
+    Sha256Digest, State, TopicKind, TrustError, V1,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::config::{AgentConfig, ProbationConfig};
+use crate::fetch;
+use crate::fsutil::atomic_write;
+use crate::link::{Inbound, LinkHandle, AGENT_VERSION};
+use crate::metrics::Metrics;
+use crate::runtime::Plan;
+use crate::serve::{ModelTable, ServingModel};
+use crate::store::{ModelStore, StoredModel};
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// The last accepted directive, persisted in `{data_dir}/directive.json`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcceptedDirective {
+    pub seq: Option<u64>,
+    /// Digest of the accepted envelope's payload: the same retained directive delivered again
+    /// after a reconnect is recognised and ignored, not reported as a replay.
+    pub payload_sha256: Option<Sha256Digest>,
+}
+
+impl AcceptedDirective {
+    fn path(data_dir: &std::path::Path) -> PathBuf {
+        data_dir.join("directive.json")
+    }
+
+    /// Reads the record; a missing file means no directive was ever accepted. A corrupt one is
+    /// an error: starting from zero would reopen the door to replays.
+    pub fn load(data_dir: &std::path::Path) -> Result<Self, String> {
+        let path = Self::path(data_dir);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                format!(
+                    "{}: {e}; refusing to forget the last accepted sequence",
+                    path.display()
+                )
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(format!("{}: {e}", path.display())),
+        }
+    }
+
+    fn save(&self, data_dir: &std::path::Path) -> std::io::Result<()> {
+        let bytes = serde_json::to_vec(self).expect("plain data serialises");
+        atomic_write(&Self::path(data_dir), &bytes)
+    }
+}
+
+/// Loads a stored version and runs its self-test: what "valid" means at start and at install.
+pub fn check_model(stored: &StoredModel) -> Result<Plan, String> {
+    let plan = Plan::load(&stored.onnx, &stored.manifest.inputs).map_err(|e| e.to_string())?;
+    plan.self_test(&stored.manifest.self_test)
+        .map_err(|e| e.to_string())?;
+    Ok(plan)
+}
+
+pub fn model_ref(manifest: &Manifest) -> ModelRef {
+    ModelRef {
+        release: manifest.release,
+        version: manifest.version.clone(),
+        sha256: manifest.sha256,
+    }
+}
+
+/// The directive controller: owns the reported state and drives installs.
+pub struct Controller {
+    config: Arc<AgentConfig>,
+    fleet_keys: KeyRing,
+    release_keys: KeyRing,
+    store: Arc<ModelStore>,
+    table: Arc<ModelTable>,
+    metrics: Arc<Metrics>,
+    link: LinkHandle,
+    accepted: AcceptedDirective,
+    models: BTreeMap<ModelName, ModelState>,
+    refused: Option<Refusal>,
+    probation: BTreeMap<ModelName, Probation>,
+}
+
+/// A version on probation: when it started and the counters at activation.
+struct Probation {
+    version: ModelRef,
+    started: Instant,
+    base_count: u64,
+    base_errors: u64,
+}
+
+impl Controller {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config: Arc<AgentConfig>,
+        fleet_keys: KeyRing,
+        release_keys: KeyRing,
+        store: Arc<ModelStore>,
+        table: Arc<ModelTable>,
+        metrics: Arc<Metrics>,
+        link: LinkHandle,
+        accepted: AcceptedDirective,
+        serving: Vec<(ModelName, ModelRef)>,
+    ) -> Self {
+        let mut models = BTreeMap::new();
+        for (name, active) in serving {
+            models.insert(
+                name.clone(),
+                ModelState {
+                    name,
+                    active: Some(active),
+                    previous: None,
+                    target: None,
+                    installed: Vec::new(),
+                    phase: InstallPhase::Idle,
+                },
+            );
+        }
+        Controller {
+            config,
+            fleet_keys,
+            release_keys,
+            store,
+            table,
+            metrics,
+            link,
+            accepted,
+            models,
+            refused: None,
+            probation: BTreeMap::new(),
+        }
+    }
+
+    /// Runs until the link closes: handles directives as they arrive and watches probation.
+    pub async fn run(mut self, mut inbound: Inbound) {
+        self.publish_state().await;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                changed = inbound.directive.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let payload = inbound.directive.borrow_and_update().clone();
+                    if let Some(payload) = payload {
+                        self.handle(&payload, &mut inbound.chunks).await;
+                    }
+                }
+                changed = inbound.connected.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    // A fresh session: make sure the retained state is current.
+                    if *inbound.connected.borrow_and_update() {
+                        self.publish_state().await;
+                    }
+                }
+                _ = tick.tick() => self.check_probation().await,
+            }
+        }
+    }
+
+    /// Handles one directive payload.
+    pub async fn handle(&mut self, payload: &[u8], chunks: &mut mpsc::Receiver<Vec<u8>>) {
+        let digest = Sha256Digest::of(payload);
+        if self.accepted.payload_sha256 == Some(digest) {
+            tracing::debug!("the accepted directive was delivered again; nothing to do");
+            return;
+        }
+        let envelope = match decode::<Envelope>(payload) {
+            Ok(envelope) => envelope,
+            Err(e) => return self.refuse(None, &TrustError::Malformed(e)).await,
+        };
+        let directive = match verify_directive(
+            &envelope,
+            &self.fleet_keys,
+            self.link.device(),
+            self.accepted.seq,
+            now_ms(),
+        ) {
+            Ok(directive) => directive,
+            Err(e) => {
+                let seq = decode::<Directive>(&envelope.payload).ok().map(|d| d.seq);
+                return self.refuse(seq, &e).await;
+            }
+        };
+        // Persist before acting: after a crash from here on, this directive (and any older one)
+        // is refused as a replay, and the retained copy is recognised by its digest.
+        let accepted = AcceptedDirective {
+            seq: Some(directive.seq),
+            payload_sha256: Some(digest),
+        };
+        if let Err(e) = accepted.save(&self.config.data_dir) {
+            tracing::error!(error = %e, "cannot persist the accepted sequence; not acting on the directive");
+            return;
+        }
+        self.accepted = accepted;
+        self.refused = None;
+        self.metrics.record_install("directive_accepted");
+        tracing::info!(
+            seq = directive.seq,
+            models = directive.models.len(),
+            "directive accepted"
+        );
+
+        let mut named = Vec::new();
+        for assignment in &directive.models {
+            let manifest = match verify_manifest(&assignment.manifest, &self.release_keys) {
+                Ok(manifest) => manifest,
+                Err(e) => {
+                    tracing::warn!(error = %e, "manifest refused");
+                    self.metrics.record_install("refused");
+                    self.refused = Some(Refusal {
+                        seq: Some(directive.seq),
+                        code: e.label().to_string(),
+                        reason: format!("manifest: {e}"),
+                        at_ms: now_ms(),
+                    });
+                    continue;
+                }
+            };
+            named.push(manifest.name.clone());
+            self.install(&assignment.manifest, manifest, assignment.rollback, chunks)
+                .await;
+        }
+        self.retire_unnamed(&named);
+        self.publish_state().await;
+    }
+
+    async fn refuse(&mut self, seq: Option<u64>, error: &TrustError) {
+        tracing::warn!(code = error.label(), error = %error, "directive refused");
+        self.metrics.record_install("directive_refused");
+        self.refused = Some(Refusal {
+            seq,
+            code: error.label().to_string(),
+            reason: error.to_string(),
+            at_ms: now_ms(),
+        });
+        self.publish_state().await;
+    }
+
+    fn state_of(&mut self, name: &ModelName) -> &mut ModelState {
+        self.models
+            .entry(name.clone())
+            .or_insert_with(|| ModelState {
+                name: name.clone(),
+                active: None,
+                previous: None,
+                target: None,
+                installed: Vec::new(),
+                phase: InstallPhase::Idle,
+            })
+    }
+
+    async fn set_phase(&mut self, name: &ModelName, phase: InstallPhase) {
+        self.state_of(name).phase = phase;
+        self.publish_state().await;
+    }
+
+    async fn fail(&mut self, name: &ModelName, reason: String) {
+        tracing::warn!(model = %name, %reason, "install failed; the previous version keeps serving");
+        self.metrics.record_install("failed");
+        self.set_phase(name, InstallPhase::Failed { reason }).await;
+    }
+
+    /// Brings one model to the manifest's version.
+    async fn install(
+        &mut self,
+        envelope: &Envelope,
+        manifest: Manifest,
+        rollback: bool,
+        chunks: &mut mpsc::Receiver<Vec<u8>>,
+    ) {
+        let name = manifest.name.clone();
+        let target = model_ref(&manifest);
+        // What serves now, as this controller installed or recovered it.
+        let running = self.models.get(&name).and_then(|m| m.active.clone());
+        if let Some(running) = &running {
+            if running.sha256 == manifest.sha256 && running.version == manifest.version {
+                let state = self.state_of(&name);
+                state.target = Some(target);
+                state.phase = InstallPhase::Active;
+                return;
+            }
+        }
+        self.state_of(&name).target = Some(target.clone());
+        if let Err(e) =
+            check_release_order(&manifest, running.as_ref().map(|r| r.release), rollback)
+        {
+            self.metrics.record_install("refused");
+            return self.fail(&name, e.to_string()).await;
+        }
+        if let Some(min) = &manifest.min_agent_version {
+            let (have, need) = (parse_semver(AGENT_VERSION), parse_semver(min));
+            if have < need {
+                return self
+                    .fail(
+                        &name,
+                        format!("needs agent {min} or newer; this is {AGENT_VERSION}"),
+                    )
+                    .await;
+            }
+        }
+
+        // Download unless this exact version is already on disk.
+        let installed = self
+            .store
+            .load(&name, &manifest.version, &self.release_keys)
+            .ok()
+            .filter(|stored| stored.manifest.sha256 == manifest.sha256);
+        if installed.is_none() {
+            let staging = self.store.staging_path(&manifest.sha256);
+            let total = manifest.size;
+            self.set_phase(&name, InstallPhase::Downloading { received: 0, total })
+                .await;
+            let mut last_report = (Instant::now(), 0u64);
+            let mut reports = Vec::new();
+            let result = fetch::download(
+                &manifest,
+                &staging,
+                &self.config.fetch,
+                &self.link,
+                chunks,
+                |received, total| {
+                    // Progress is published at most once a second or every 10 %.
+                    if last_report.0.elapsed() >= Duration::from_secs(1)
+                        || received.saturating_sub(last_report.1) * 10 >= total
+                    {
+                        last_report = (Instant::now(), received);
+                        reports.push(received);
+                    }
+                },
+            )
+            .await;
+            if let Some(&received) = reports.last() {
+                self.state_of(&name).phase = InstallPhase::Downloading { received, total };
+            }
+            match result {
+                Ok(report) => {
+                    self.metrics.add_bytes_fetched(report.fetched);
+                    tracing::info!(model = %name, fetched = report.fetched, resumed_from = report.resumed_from, retries = report.retries, "downloaded");
+                }
+                Err(e) => {
+                    if matches!(
+                        e,
+                        fetch::FetchError::Mismatch(_) | fetch::FetchError::TooLong { .. }
+                    ) {
+                        // These bytes can never become the artifact: start afresh next time.
+                        self.store.remove_staging(&manifest.sha256);
+                    }
+                    return self.fail(&name, e.to_string()).await;
+                }
+            }
+            self.set_phase(&name, InstallPhase::Verifying).await;
+            self.set_phase(&name, InstallPhase::Staging).await;
+            if let Err(e) = self.store.install(envelope, &manifest, &staging) {
+                self.store.remove_staging(&manifest.sha256);
+                return self.fail(&name, e.to_string()).await;
+            }
+        }
+
+        self.set_phase(&name, InstallPhase::SelfTest).await;
+        let store = self.store.clone();
+        let keys = self.release_keys.clone();
+        let (n, v) = (name.clone(), manifest.version.clone());
+        let checked = tokio::task::spawn_blocking(move || {
+            let stored = store.load(&n, &v, &keys).map_err(|e| e.to_string())?;
+            check_model(&stored)
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("self-test task failed: {e}")));
+        let plan = match checked {
+            Ok(plan) => plan,
+            Err(reason) => {
+                return self
+                    .fail(&name, format!("self-test failed: {reason}"))
+                    .await
+            }
+        };
+
+        if let Err(e) = self.store.activate(&name, &manifest.version) {
+            return self.fail(&name, e.to_string()).await;
+        }
+        let previous = running;
+        self.table.set(Arc::new(ServingModel::new(
+            name.clone(),
+            manifest.version.clone(),
+            manifest.release,
+            plan,
+        )));
+        let before = self.metrics.snapshot_model(&name, &manifest.version);
+        self.probation.insert(
+            name.clone(),
+            Probation {
+                version: target.clone(),
+                started: Instant::now(),
+                base_count: before.count,
+                base_errors: before.error_count(),
+            },
+        );
+        if let Err(e) = self.store.prune(&name) {
+            tracing::warn!(model = %name, error = %e, "cannot prune old versions");
+        }
+        self.metrics.record_install("installed");
+        tracing::info!(model = %name, version = %manifest.version, release = manifest.release, "active");
+        let state = self.state_of(&name);
+        state.active = Some(target);
+        state.previous = previous;
+        state.phase = InstallPhase::Active;
+        self.refresh_installed(&name);
+        self.publish_state().await;
+    }
+
+    fn refresh_installed(&mut self, name: &ModelName) {
+        let installed = self
+            .store
+            .versions(name)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(version, _)| self.store.load(name, &version, &self.release_keys).ok())
+            .map(|stored| model_ref(&stored.manifest))
+            .collect();
+        self.state_of(name).installed = installed;
+    }
+
+    fn retire_unnamed(&mut self, named: &[ModelName]) {
+        let retired: Vec<ModelName> = self
+            .models
+            .keys()
+            .filter(|name| !named.contains(name))
+            .cloned()
+            .collect();
+        for name in retired {
+            tracing::info!(model = %name, "retired: the directive no longer names it");
+            self.table.remove(&name);
+            self.probation.remove(&name);
+            if let Err(e) = self.store.retire(&name) {
+                tracing::warn!(model = %name, error = %e, "cannot remove retired model files");
+            }
+            self.models.remove(&name);
+        }
+    }
+
+    /// Ends probations that are over and rolls back versions that fail theirs.
+    async fn check_probation(&mut self) {
+        let rules: ProbationConfig = self.config.probation.clone();
+        let mut ended = Vec::new();
+        let mut failed = Vec::new();
+        for (name, probation) in &self.probation {
+            let now = self
+                .metrics
+                .snapshot_model(name, &probation.version.version);
+            let count = now.count.saturating_sub(probation.base_count);
+            let errors = now.error_count().saturating_sub(probation.base_errors);
+            let elapsed = probation.started.elapsed();
+            // Judge only on enough evidence: a minimum of 10 calls, or the whole probation.
+            if count >= 10 || elapsed >= Duration::from_secs(rules.seconds) {
+                let rate = if count == 0 {
+                    0.0
+                } else {
+                    errors as f64 / count as f64
+                };
+                if rate > rules.max_error_rate {
+                    failed.push((
+                        name.clone(),
+                        format!(
+                            "{errors} of {count} inferences failed ({:.1} % > {:.1} %) in the first {:.0} s",
+                            rate * 100.0,
+                            rules.max_error_rate * 100.0,
+                            elapsed.as_secs_f64()
+                        ),
+                    ));
+                    continue;
+                }
+            }
+            if count >= rules.inferences && elapsed >= Duration::from_secs(rules.seconds) {
+                ended.push(name.clone());
+            }
+        }
+        for name in ended {
+            tracing::info!(model = %name, "probation passed");
+            self.probation.remove(&name);
+        }
+        for (name, reason) in failed {
+            self.probation.remove(&name);
+            self.roll_back_locally(&name, reason).await;
+        }
+    }
+
+    async fn roll_back_locally(&mut self, name: &ModelName, reason: String) {
+        tracing::warn!(model = %name, %reason, "probation failed; going back to the previous version");
+        let previous = match self.store.rollback(name) {
+            Ok(previous) => previous,
+            Err(e) => {
+                tracing::error!(model = %name, error = %e, "cannot roll back");
+                return;
+            }
+        };
+        let stored = match self.store.load(name, &previous, &self.release_keys) {
+            Ok(stored) => stored,
+            Err(e) => {
+                tracing::error!(model = %name, error = %e, "the previous version cannot be loaded");
+                return;
+            }
+        };
+        let manifest = stored.manifest.clone();
+        match tokio::task::spawn_blocking(move || check_model(&stored)).await {
+            Ok(Ok(plan)) => {
+                self.table.set(Arc::new(ServingModel::new(
+                    name.clone(),
+                    manifest.version.clone(),
+                    manifest.release,
+                    plan,
+                )));
+                self.metrics.record_install("rolled_back");
+                let state = self.state_of(name);
+                state.previous = state.active.take();
+                state.active = Some(model_ref(&manifest));
+                state.phase = InstallPhase::RolledBack { reason };
+                self.publish_state().await;
+            }
+            Ok(Err(e)) => {
+                tracing::error!(model = %name, error = %e, "the previous version fails its self-test")
+            }
+            Err(e) => tracing::error!(model = %name, error = %e, "rollback task failed"),
+        }
+    }
+
+    /// The reported state, as published.
+    pub fn state(&self) -> State {
+        State {
+            v: V1,
+            device: self.link.device().clone(),
+            agent_version: AGENT_VERSION.to_string(),
+            at_ms: now_ms(),
+            directive_seq: self.accepted.seq,
+            models: self.models.values().cloned().collect(),
+            refused: self.refused.clone(),
+        }
+    }
+
+    async fn publish_state(&self) {
+        if let Err(e) = self
+            .link
+            .publish(TopicKind::State, encode(&self.state()))
+            .await
+        {
+            tracing::warn!(error = %e, "cannot publish the reported state");
+        }
+    }
+}

@@ -1,0 +1,59 @@
+//! `edge-agent`: parses arguments and calls the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use edge_agent::config::AgentConfig;
+
+#[derive(Parser)]
+#[command(name = "edge-agent", version, about = "Driftgate's device daemon")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent.
+    Run {
+        #[arg(long, default_value = "/etc/driftgate/agent.toml")]
+        config: PathBuf,
+    },
+    /// Validate a configuration and print the effective one, defaults included.
+    CheckConfig {
+        #[arg(long, default_value = "/etc/driftgate/agent.toml")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DRIFTGATE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::CheckConfig { config } => AgentConfig::load(&config)
+            .map(|c| print!("{}", c.to_toml()))
+            .map_err(anyhow::Error::from),
+        Command::Run { config } => match AgentConfig::load(&config) {
+            Err(e) => Err(e.into()),
+            Ok(config) => tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|runtime| runtime.block_on(edge_agent::daemon::run(config))),
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
