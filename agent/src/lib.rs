@@ -1,8 +1,7 @@
-//! `edge-agent`: the Driftgate device daemon.
-//!
-//! Today the crate holds the inference runtime, which `fleetctl` also uses to read a model's
-//! signature and compute its self-test. The daemon's pipeline (MQTT link, directive handling,
-//! chunked fetch, model store, local inference API, outbox) builds on it.
+//! `edge-agent`: the Driftgate device daemon, built as a pipeline (see `daemon`): the MQTT link
+//! feeds the directive controller, which fetches, stores, self-tests and activates models that
+//! the local inference API serves. `fleetctl` also uses `runtime` to read a model's signature
+//! and compute its self-test, so sign time and install time agree.
 
 pub mod config; // agent.toml: documented defaults, paths relative to the file, errors naming the field
 pub mod daemon; // wires the pipeline together and runs it until SIGTERM
