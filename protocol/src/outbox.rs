@@ -107,6 +107,7 @@ impl ItemBody {
         match self {
             ItemBody::Telemetry(t) => t.latency.validate(),
             ItemBody::Drift(d) => d.validate(),
+            ItemBody::Health(h) => h.validate(),
             _ => Ok(()),
         }
     }
@@ -141,6 +142,20 @@ pub struct Health {
     pub uptime_s: u64,
     #[serde(default)]
     pub link: LinkStats,
+}
+
+impl Health {
+    /// JSON numbers beyond f32's range (say `1e39`) decode to infinity, which cannot be stored
+    /// or sent back: refuse them.
+    fn validate(&self) -> Result<(), String> {
+        if !self.cpu_percent.is_finite() {
+            return Err("cpu_percent is out of range".into());
+        }
+        if let Some((sensor, _)) = self.temperatures_c.iter().find(|(_, t)| !t.is_finite()) {
+            return Err(format!("temperature of {sensor:?} is out of range"));
+        }
+        Ok(())
+    }
 }
 
 /// Counters of the MQTT link since the agent started.

@@ -329,9 +329,13 @@ impl Tensor {
         self.data.element_type()
     }
 
-    /// The number of elements the shape calls for.
+    /// The number of elements the shape calls for, saturating: a hostile shape such as four
+    /// dimensions of 2^32 must read as "too many", never wrap around to a small number.
     pub fn shape_elements(&self) -> u128 {
-        self.shape.iter().map(|&d| u128::from(d)).product()
+        self.shape
+            .iter()
+            .try_fold(1u128, |n, &d| n.checked_mul(u128::from(d)))
+            .unwrap_or(u128::MAX)
     }
 
     /// Shape and data agree, the size is within the JSON bound and floats are finite.
@@ -551,6 +555,9 @@ mod tests {
             err(r#"{"name":"x","datatype":"FP32","shape":[4294967296,4294967296],"data":[]}"#)
                 .contains("at most")
         );
+        // Found by the fuzzer: the element count overflowed u128 (a panic, or a wrap to 0).
+        let four = r#"{"name":"x","datatype":"FP32","shape":[4294967296,4294967296,4294967296,4294967296],"data":[]}"#;
+        assert!(err(four).contains("at most"));
     }
 
     #[test]

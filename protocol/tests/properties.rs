@@ -752,3 +752,21 @@ fn oversized_and_future_messages_are_refused_with_their_reason() {
     let ack: Ack = decode(br#"{"v":1,"up_to":5,"new_field":[1,2]}"#).unwrap();
     assert_eq!(ack.up_to, 5);
 }
+
+/// Inputs the fuzzer found (fuzz/regressions/), kept so they stay fixed.
+#[test]
+fn fuzz_regressions_are_refused_without_panicking() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/regressions");
+    let Ok(targets) = std::fs::read_dir(&dir) else {
+        return;
+    };
+    for target in targets {
+        for file in std::fs::read_dir(target.unwrap().path()).unwrap() {
+            let bytes = std::fs::read(file.unwrap().path()).unwrap();
+            decode_everything(&bytes);
+        }
+    }
+    let overflow = br#"{"v":1,"device":"d","items":[{"id":1,"at_ms":0,"body":{"kind":"health","cpu_percent":1e39,"mem_used_bytes":0,"mem_total_bytes":0,"disk_free_bytes":0,"disk_total_bytes":0,"agent_rss_bytes":0,"uptime_s":0}}]}"#;
+    let err = decode::<Batch>(overflow).unwrap_err().to_string();
+    assert!(err.contains("cpu_percent"), "{err}");
+}
