@@ -555,7 +555,8 @@ mod tests {
             err(r#"{"name":"x","datatype":"FP32","shape":[4294967296,4294967296],"data":[]}"#)
                 .contains("at most")
         );
-        // Found by the fuzzer: the element count overflowed u128 (a panic, or a wrap to 0).
+        // Found reviewing the decoders for the fuzz targets: the element count overflowed u128
+        // (a panic in debug builds, a wrap to 0 in release).
         let four = r#"{"name":"x","datatype":"FP32","shape":[4294967296,4294967296,4294967296,4294967296],"data":[]}"#;
         assert!(err(four).contains("at most"));
     }

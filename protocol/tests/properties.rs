@@ -753,7 +753,7 @@ fn oversized_and_future_messages_are_refused_with_their_reason() {
     assert_eq!(ack.up_to, 5);
 }
 
-/// Inputs the fuzzer found (fuzz/regressions/), kept so they stay fixed.
+/// Crashing inputs kept under fuzz/regressions/, replayed so they stay fixed.
 #[test]
 fn fuzz_regressions_are_refused_without_panicking() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/regressions");
