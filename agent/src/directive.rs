@@ -89,6 +89,18 @@ pub fn check_model(stored: &StoredModel) -> Result<Plan, String> {
     Ok(plan)
 }
 
+/// A model the controller knows nothing about yet.
+fn fresh_state(name: &ModelName) -> ModelState {
+    ModelState {
+        name: name.clone(),
+        active: None,
+        previous: None,
+        target: None,
+        installed: Vec::new(),
+        phase: InstallPhase::Idle,
+    }
+}
+
 pub fn model_ref(manifest: &Manifest) -> ModelRef {
     ModelRef {
         release: manifest.release,
@@ -135,17 +147,9 @@ impl Controller {
     ) -> Self {
         let mut models = BTreeMap::new();
         for (name, active) in serving {
-            models.insert(
-                name.clone(),
-                ModelState {
-                    name,
-                    active: Some(active),
-                    previous: None,
-                    target: None,
-                    installed: Vec::new(),
-                    phase: InstallPhase::Idle,
-                },
-            );
+            let mut state = fresh_state(&name);
+            state.active = Some(active);
+            models.insert(name, state);
         }
         Controller {
             config,
@@ -273,14 +277,7 @@ impl Controller {
     fn state_of(&mut self, name: &ModelName) -> &mut ModelState {
         self.models
             .entry(name.clone())
-            .or_insert_with(|| ModelState {
-                name: name.clone(),
-                active: None,
-                previous: None,
-                target: None,
-                installed: Vec::new(),
-                phase: InstallPhase::Idle,
-            })
+            .or_insert_with(|| fresh_state(name))
     }
 
     async fn set_phase(&mut self, name: &ModelName, phase: InstallPhase) {

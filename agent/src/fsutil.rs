@@ -1,5 +1,6 @@
-//! Crash-safe file writes: write a temp file, fsync it, rename it over the target, fsync the
-//! directory. After a crash at any instant the target holds the old bytes or the new ones.
+//! File helpers. Crash-safe writes: write a temp file, fsync it, rename it over the target,
+//! fsync the directory; after a crash at any instant the target holds the old bytes or the new
+//! ones. And the size and SHA-256 of a file, streamed, so artifacts of any size can be checked.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -37,6 +38,25 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> io::Result<()> {
     drop(file);
     fs::rename(&tmp, path)?;
     fsync_dir(dir)
+}
+
+/// Size and SHA-256 of a file, read in 64 KiB pieces.
+pub fn hash_file(path: &Path) -> io::Result<(u64, fleet_protocol::Sha256Digest)> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut file = File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut size = 0u64;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        size += n as u64;
+    }
+    Ok((size, hasher.finalize().into()))
 }
 
 /// Renames `from` to `to` and makes it durable in both directories.

@@ -7,7 +7,7 @@ pub mod config; // agent.toml: documented defaults, paths relative to the file, 
 pub mod daemon; // wires the pipeline together and runs it until SIGTERM
 pub mod directive; // directive verification and the per-model install state machine, probation
 pub mod fetch; // chunked, windowed, resumable artifact download bounded by the manifest
-pub mod fsutil; // crash-safe file writes: temp file, fsync, rename, fsync the directory
+pub mod fsutil; // file helpers: crash-safe writes, streamed file digests
 pub mod link; // the MQTT session: TLS, last will, jittered reconnect, resubscribe, topic routing
 pub mod metrics; // counters and latency histograms, rendered as Prometheus text
 pub mod runtime; // ONNX models loaded, optimised and run with tract; self-tests

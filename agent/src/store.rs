@@ -17,9 +17,8 @@ use std::path::{Path, PathBuf};
 use fleet_protocol::trust::{verify_artifact, verify_manifest};
 use fleet_protocol::{decode, Envelope, KeyRing, Manifest, ModelName, ModelVersion, Sha256Digest};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
-use crate::fsutil::{atomic_write, fsync_dir, sync_rename};
+use crate::fsutil::{atomic_write, fsync_dir, hash_file, sync_rename};
 
 const ACTIVE: &str = "ACTIVE.json";
 const MODEL: &str = "model.onnx";
@@ -160,7 +159,7 @@ impl ModelStore {
         manifest: &Manifest,
         staged: &Path,
     ) -> Result<(), StoreError> {
-        let (size, digest) = hash_file(staged)?;
+        let (size, digest) = hash_file(staged).map_err(io(staged))?;
         verify_artifact(manifest, size, &digest).map_err(|e| StoreError::Corrupt {
             path: staged.to_path_buf(),
             reason: e.to_string(),
@@ -481,23 +480,6 @@ fn read_manifest(dir: &Path) -> Result<Manifest, StoreError> {
     };
     let envelope: Envelope = decode(&bytes).map_err(|e| corrupt(e.to_string()))?;
     decode(&envelope.payload).map_err(|e| corrupt(e.to_string()))
-}
-
-fn hash_file(path: &Path) -> Result<(u64, Sha256Digest), StoreError> {
-    use std::io::Read;
-    let mut file = fs::File::open(path).map_err(io(path))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut size = 0u64;
-    loop {
-        let n = file.read(&mut buf).map_err(io(path))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        size += n as u64;
-    }
-    Ok((size, hasher.finalize().into()))
 }
 
 #[cfg(test)]

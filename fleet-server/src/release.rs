@@ -6,7 +6,7 @@
 //! that signs here is one the agent can install.
 
 use std::fs::{self, File};
-use std::io::{BufReader, Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use edge_agent::runtime::{self, Plan, RuntimeError, SelfTestError};
@@ -316,21 +316,9 @@ pub fn verify_model(
     Ok(Verified { manifest, envelope })
 }
 
-/// Size and SHA-256 of a file, read in 64 KiB pieces.
+/// Size and SHA-256 of a file, streamed, so any size works.
 pub fn hash_file(path: &Path) -> Result<(u64, Sha256Digest), ReleaseError> {
-    let mut reader = BufReader::new(File::open(path).map_err(io(path))?);
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut size = 0u64;
-    loop {
-        let n = reader.read(&mut buf).map_err(io(path))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        size += n as u64;
-    }
-    Ok((size, hasher.finalize().into()))
+    edge_agent::fsutil::hash_file(path).map_err(io(path))
 }
 
 #[cfg(test)]
