@@ -46,6 +46,8 @@ pub enum StoreError {
     },
     #[error("{name} has no previous version to go back to")]
     NoPrevious { name: ModelName },
+    #[error("{what} {value:?} cannot be stored: it would collide with the store's own files")]
+    ReservedName { what: &'static str, value: String },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -159,6 +161,18 @@ impl ModelStore {
         manifest: &Manifest,
         staged: &Path,
     ) -> Result<(), StoreError> {
+        // Hidden names mark crash leftovers (`open` removes them) and ACTIVE.json is the pointer.
+        for (what, value) in [
+            ("model name", manifest.name.as_str()),
+            ("version", manifest.version.as_str()),
+        ] {
+            if value.starts_with('.') || value.eq_ignore_ascii_case(ACTIVE) {
+                return Err(StoreError::ReservedName {
+                    what,
+                    value: value.to_string(),
+                });
+            }
+        }
         let (size, digest) = hash_file(staged).map_err(io(staged))?;
         verify_artifact(manifest, size, &digest).map_err(|e| StoreError::Corrupt {
             path: staged.to_path_buf(),
@@ -597,6 +611,23 @@ mod tests {
         fs::write(&s, bytes).unwrap();
         let err = store.install(&e, &m, &s).unwrap_err().to_string();
         assert!(err.contains("hash mismatch"), "{err}");
+        assert!(store.versions(&name()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn names_that_collide_with_the_stores_own_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ModelStore::open(dir.path(), 3).unwrap();
+        for bad in [".v1", "ACTIVE.json", "active.JSON"] {
+            let (_, mut m, s) = staged(&store, "digits-mlp", "v1", 1);
+            m.version = v(bad);
+            let e = Envelope::sign(MANIFEST_TYPE, fleet_protocol::encode(&m), &key());
+            let err = store.install(&e, &m, &s).unwrap_err();
+            assert!(
+                matches!(err, StoreError::ReservedName { .. }),
+                "{bad}: {err}"
+            );
+        }
         assert!(store.versions(&name()).unwrap().is_empty());
     }
 
