@@ -24,7 +24,7 @@ use fleet_protocol::state::{ModelRef, Refusal};
 use fleet_protocol::trust::{check_release_order, verify_directive, verify_manifest};
 use fleet_protocol::{
     decode, encode, Directive, Envelope, InstallPhase, KeyRing, Manifest, ModelName, ModelState,
-    Sha256Digest, State, TopicKind, TrustError, V1,
+    Sha256Digest, State, TopicKind, TrustError, DIRECTIVE_TYPE, V1,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -52,6 +52,21 @@ pub struct AcceptedDirective {
     /// Digest of the accepted envelope's payload: the same retained directive delivered again
     /// after a reconnect is recognised and ignored, not reported as a replay.
     pub payload_sha256: Option<Sha256Digest>,
+    /// The accepted envelope itself, kept until the agent has acted on all of it: a directive
+    /// interrupted by a crash or a power cut (mid-download, mid-activation) is taken up again
+    /// at the next start, without waiting for the server to send anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub envelope: Option<Envelope>,
+    /// Whether every model the directive names reached its outcome (active or failed). A
+    /// settled directive is not re-applied at start: a version the agent rolled back on its
+    /// own stays rolled back until the server decides otherwise.
+    #[serde(default = "settled_by_default")]
+    pub settled: bool,
+}
+
+/// Records written before `settled` existed were written after acting.
+fn settled_by_default() -> bool {
+    true
 }
 
 impl AcceptedDirective {
@@ -122,7 +137,14 @@ pub struct Controller {
     models: BTreeMap<ModelName, ModelState>,
     refused: Option<Refusal>,
     probation: BTreeMap<ModelName, Probation>,
+    /// Set when an install stopped for a passing reason (the link): the directive stays
+    /// unsettled and is taken up again.
+    retry_wanted: bool,
 }
+
+/// How long an unsettled directive waits before it is taken up again when no reconnect
+/// prompts it sooner.
+const RETRY_UNSETTLED_AFTER: Duration = Duration::from_secs(30);
 
 /// A version on probation: when it started and the counters at activation.
 struct Probation {
@@ -163,48 +185,79 @@ impl Controller {
             models,
             refused: None,
             probation: BTreeMap::new(),
+            retry_wanted: false,
         }
     }
 
     /// Runs until the link closes: handles directives as they arrive and watches probation.
     pub async fn run(mut self, mut inbound: Inbound) {
         self.publish_state().await;
+        self.resume_unsettled(&mut inbound.chunks).await;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut last_attempt = Instant::now();
         loop {
             tokio::select! {
                 changed = inbound.directive.changed() => {
                     if changed.is_err() {
                         return;
                     }
-                    let payload = inbound.directive.borrow_and_update().clone();
-                    if let Some(payload) = payload {
-                        self.handle(&payload, &mut inbound.chunks).await;
+                    let delivery = inbound.directive.borrow_and_update().clone();
+                    if let Some(delivery) = delivery {
+                        let accepted = self.accept(delivery.payload()).await;
+                        // Acknowledged only now that the decision is on disk: a kill before
+                        // this point gets the directive delivered again.
+                        self.link.ack(&delivery);
+                        if let Some(directive) = accepted {
+                            self.apply(&directive, &mut inbound.chunks).await;
+                        }
                     }
                 }
                 changed = inbound.connected.changed() => {
                     if changed.is_err() {
                         return;
                     }
-                    // A fresh session: make sure the retained state is current.
+                    // A fresh session: make sure the retained state is current, and take up
+                    // an install the link interrupted.
                     if *inbound.connected.borrow_and_update() {
                         self.publish_state().await;
+                        if !self.accepted.settled {
+                            last_attempt = Instant::now();
+                            self.resume_unsettled(&mut inbound.chunks).await;
+                        }
                     }
                 }
-                _ = tick.tick() => self.check_probation().await,
+                _ = tick.tick() => {
+                    self.check_probation().await;
+                    if !self.accepted.settled && last_attempt.elapsed() >= RETRY_UNSETTLED_AFTER {
+                        last_attempt = Instant::now();
+                        self.resume_unsettled(&mut inbound.chunks).await;
+                    }
+                }
             }
         }
     }
 
-    /// Handles one directive payload.
+    /// Handles one directive payload: accepts it, then acts on it.
     pub async fn handle(&mut self, payload: &[u8], chunks: &mut mpsc::Receiver<Vec<u8>>) {
+        if let Some(directive) = self.accept(payload).await {
+            self.apply(&directive, chunks).await;
+        }
+    }
+
+    /// Verifies a directive and persists it as accepted, or reports why it is refused. Returns
+    /// the directive to act upon, if any.
+    async fn accept(&mut self, payload: &[u8]) -> Option<Directive> {
         let digest = Sha256Digest::of(payload);
         if self.accepted.payload_sha256 == Some(digest) {
             tracing::debug!("the accepted directive was delivered again; nothing to do");
-            return;
+            return None;
         }
         let envelope = match decode::<Envelope>(payload) {
             Ok(envelope) => envelope,
-            Err(e) => return self.refuse(None, &TrustError::Malformed(e)).await,
+            Err(e) => {
+                self.refuse(None, &TrustError::Malformed(e)).await;
+                return None;
+            }
         };
         let directive = match verify_directive(
             &envelope,
@@ -216,18 +269,22 @@ impl Controller {
             Ok(directive) => directive,
             Err(e) => {
                 let seq = decode::<Directive>(&envelope.payload).ok().map(|d| d.seq);
-                return self.refuse(seq, &e).await;
+                self.refuse(seq, &e).await;
+                return None;
             }
         };
         // Persist before acting: after a crash from here on, this directive (and any older one)
-        // is refused as a replay, and the retained copy is recognised by its digest.
+        // is refused as a replay, the retained copy is recognised by its digest, and the next
+        // start takes the unsettled directive up again.
         let accepted = AcceptedDirective {
             seq: Some(directive.seq),
             payload_sha256: Some(digest),
+            envelope: Some(envelope),
+            settled: false,
         };
         if let Err(e) = accepted.save(&self.config.data_dir) {
             tracing::error!(error = %e, "cannot persist the accepted sequence; not acting on the directive");
-            return;
+            return None;
         }
         self.accepted = accepted;
         self.refused = None;
@@ -237,7 +294,50 @@ impl Controller {
             models = directive.models.len(),
             "directive accepted"
         );
+        Some(directive)
+    }
 
+    /// Takes up a directive that was accepted but not settled when the agent stopped. Its
+    /// signature is checked again (the file is on the device's disk); its sequence and validity
+    /// window are not: they were checked when it was accepted, and an install that a crash
+    /// interrupted must not be abandoned because the directive expired meanwhile.
+    pub async fn resume_unsettled(&mut self, chunks: &mut mpsc::Receiver<Vec<u8>>) {
+        if self.accepted.settled {
+            return;
+        }
+        let Some(envelope) = self.accepted.envelope.clone() else {
+            return;
+        };
+        let directive = envelope
+            .open(&self.fleet_keys, DIRECTIVE_TYPE)
+            .and_then(|payload| decode::<Directive>(payload).map_err(TrustError::from))
+            .and_then(|directive| {
+                if &directive.device == self.link.device() {
+                    Ok(directive)
+                } else {
+                    Err(TrustError::WrongDevice {
+                        expected: self.link.device().clone(),
+                        found: directive.device,
+                    })
+                }
+            });
+        match directive {
+            Ok(directive) => {
+                tracing::info!(
+                    seq = directive.seq,
+                    "taking up the directive an earlier run did not finish"
+                );
+                self.apply(&directive, chunks).await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the unsettled directive on disk no longer verifies; dropping it");
+                self.settle();
+            }
+        }
+    }
+
+    /// Acts on a verified, persisted directive, then records it as settled.
+    async fn apply(&mut self, directive: &Directive, chunks: &mut mpsc::Receiver<Vec<u8>>) {
         let mut named = Vec::new();
         for assignment in &directive.models {
             let manifest = match verify_manifest(&assignment.manifest, &self.release_keys) {
@@ -259,7 +359,20 @@ impl Controller {
                 .await;
         }
         self.retire_unnamed(&named);
+        if !std::mem::take(&mut self.retry_wanted) {
+            self.settle();
+        }
         self.publish_state().await;
+    }
+
+    /// Marks the accepted directive as acted upon and drops its stored copy.
+    fn settle(&mut self) {
+        self.accepted.settled = true;
+        self.accepted.envelope = None;
+        if let Err(e) = self.accepted.save(&self.config.data_dir) {
+            // Not fatal: the worst case is acting on the directive once more at the next start.
+            tracing::warn!(error = %e, "cannot record the directive as settled");
+        }
     }
 
     async fn refuse(&mut self, seq: Option<u64>, error: &TrustError) {
@@ -375,6 +488,16 @@ impl Controller {
                     ) {
                         // These bytes can never become the artifact: start afresh next time.
                         self.store.remove_staging(&manifest.sha256);
+                    }
+                    if matches!(
+                        e,
+                        fetch::FetchError::Timeout { .. } | fetch::FetchError::LinkClosed
+                    ) {
+                        // The link, not the artifact: keep the staging file and try again
+                        // after the next reconnect (or a while), from where it stopped.
+                        self.retry_wanted = true;
+                        let reason = format!("{e}; will resume after the next reconnect");
+                        return self.fail(&name, reason).await;
                     }
                     return self.fail(&name, e.to_string()).await;
                 }

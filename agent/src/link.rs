@@ -9,17 +9,21 @@
 //! Inbound messages are routed by topic, without decoding (the consumers own their decoders):
 //! - the directive and the ack go into `watch` channels, since only the latest one matters and
 //!   a slow consumer must never block the event loop;
+//! - a directive is acknowledged to the broker (manual PUBACK) only once the controller has
+//!   made its decision durable: a kill between receipt and persistence leaves it unacknowledged,
+//!   so the broker delivers it again to the resumed session. Everything else is acknowledged
+//!   on receipt (a lost chunk is requested again; a lost ack is re-sent by the server);
 //! - chunk replies go into a bounded queue; when it is full a chunk is dropped and counted, and
 //!   the downloader asks for it again after its timeout.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fleet_protocol::state::{Presence, Status};
 use fleet_protocol::{encode, DeviceId, TopicKind, Topics, V1};
 use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Packet, QoS,
+    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Packet, Publish, QoS,
     TlsConfiguration, Transport,
 };
 use tokio::sync::{mpsc, watch};
@@ -55,10 +59,42 @@ pub struct LinkStats {
     pub foreign_topics: AtomicU64,
 }
 
+/// A directive as delivered by the broker, to be acknowledged once acted upon.
+#[derive(Clone, Debug)]
+pub struct Delivery {
+    publish: Publish,
+    acked: Arc<AtomicBool>,
+}
+
+impl Delivery {
+    fn new(publish: Publish) -> Self {
+        Delivery {
+            publish,
+            acked: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    pub fn payload(&self) -> &[u8] {
+        &self.publish.payload
+    }
+
+    /// Sends the PUBACK, once: a second call (or one after the driver acknowledged a superseded
+    /// delivery) does nothing, so a packet id is never acknowledged twice.
+    fn ack_with(&self, client: &AsyncClient) {
+        if self.acked.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if let Err(e) = client.try_ack(&self.publish) {
+            // The broker will deliver it again; the controller recognises it by its digest.
+            tracing::warn!(error = %e, "cannot queue a PUBACK");
+        }
+    }
+}
+
 /// What the link delivers to the rest of the agent.
 pub struct Inbound {
-    /// The latest directive payload (retained on the broker, so it also arrives at connect).
-    pub directive: watch::Receiver<Option<Vec<u8>>>,
+    /// The latest directive (retained on the broker, so it also arrives at connect).
+    pub directive: watch::Receiver<Option<Delivery>>,
     /// The latest ack payload.
     pub ack: watch::Receiver<Option<Vec<u8>>>,
     /// Chunk reply payloads, in arrival order.
@@ -96,6 +132,11 @@ impl LinkHandle {
 
     pub fn device(&self) -> &DeviceId {
         &self.device
+    }
+
+    /// Acknowledges a delivered directive to the broker.
+    pub fn ack(&self, delivery: &Delivery) {
+        delivery.ack_with(&self.client);
     }
 
     /// Disconnects cleanly (the broker then does not publish the last will; the caller
@@ -142,6 +183,7 @@ pub fn mqtt_options(config: &AgentConfig) -> Result<MqttOptions, LinkError> {
             config.broker.max_packet_bytes,
         )
         .set_inflight(32)
+        .set_manual_acks(true)
         .set_last_will(LastWill::new(
             topics.topic(&config.device_id, TopicKind::Status),
             status(Presence::Offline, now_ms()),
@@ -176,7 +218,8 @@ pub fn start(
 ) -> Result<(LinkHandle, Inbound, impl std::future::Future<Output = ()>), LinkError> {
     install_crypto_provider();
     let options = mqtt_options(config)?;
-    let (client, eventloop) = AsyncClient::new(options, 64);
+    // Room for a full fetch window of requests plus the PUBACKs of the replies in flight.
+    let (client, eventloop) = AsyncClient::new(options, 256);
     let stats = Arc::new(LinkStats::default());
     let (directive_tx, directive) = watch::channel(None);
     let (ack_tx, ack) = watch::channel(None);
@@ -249,7 +292,7 @@ struct Driver {
     topics: Topics,
     device: DeviceId,
     stats: Arc<LinkStats>,
-    directive_tx: watch::Sender<Option<Vec<u8>>>,
+    directive_tx: watch::Sender<Option<Delivery>>,
     ack_tx: watch::Sender<Option<Vec<u8>>>,
     chunk_tx: mpsc::Sender<Vec<u8>>,
     connected_tx: watch::Sender<bool>,
@@ -274,7 +317,7 @@ impl Driver {
                     self.stats
                         .bytes_in
                         .fetch_add(publish.payload.len() as u64, Ordering::Relaxed);
-                    self.route(&publish.topic, publish.payload.to_vec());
+                    self.route(publish);
                 }
                 Ok(_) => {}
                 Err(ConnectionError::RequestsDone) => {
@@ -314,12 +357,27 @@ impl Driver {
         }
     }
 
-    fn route(&self, topic: &str, payload: Vec<u8>) {
-        match self.topics.parse(topic) {
-            Ok((device, kind)) if device == self.device => match kind {
-                TopicKind::Directive => {
-                    self.directive_tx.send_replace(Some(payload));
-                }
+    fn route(&self, publish: Publish) {
+        let topic = publish.topic.clone();
+        let kind = match self.topics.parse(&topic) {
+            Ok((device, kind)) if device == self.device => Some(kind),
+            _ => None,
+        };
+        if kind == Some(TopicKind::Directive) {
+            // A directive not yet taken by the controller is superseded by this one (the latest
+            // wins), so it is acknowledged now.
+            if let Some(superseded) = self.directive_tx.send_replace(Some(Delivery::new(publish))) {
+                superseded.ack_with(&self.client);
+            }
+            return;
+        }
+        if let Err(e) = self.client.try_ack(&publish) {
+            tracing::warn!(%topic, error = %e, "cannot queue a PUBACK");
+        }
+        let payload = publish.payload.to_vec();
+        match kind {
+            Some(kind) => match kind {
+                TopicKind::Directive => unreachable!("routed above"),
                 TopicKind::Ack => {
                     self.ack_tx.send_replace(Some(payload));
                 }
@@ -332,7 +390,7 @@ impl Driver {
                     tracing::debug!(%topic, kind = %other, "ignoring a message on an uplink topic");
                 }
             },
-            _ => {
+            None => {
                 self.stats.foreign_topics.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%topic, "dropped a message on a topic that is not this device's");
             }

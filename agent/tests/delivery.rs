@@ -3,112 +3,14 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use common::agent::{active_version, model, write_config, Agent};
+use common::{sample_manifest, sign_manifest, Control, Responder};
+use fleet_protocol::InstallPhase;
 
-use common::{http, sample_manifest, sign_manifest, Control, Responder};
-use fleet_protocol::tensor::compare_outputs;
-use fleet_protocol::{InstallPhase, ModelState, State, Tensor};
-
-/// An agent process, killed (SIGKILL) when dropped.
-struct Agent {
-    child: Child,
-}
-
-impl Agent {
-    fn start(dir: &Path) -> Agent {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("agent.log"))
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_edge-agent"))
-            .args(["run", "--config"])
-            .arg(dir.join("agent.toml"))
-            .env("DRIFTGATE_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("edge-agent starts");
-        Agent { child }
-    }
-
-    fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn write_config(dir: &Path, device: &str, broker_port: u16, api_port: u16) {
-    common::write_public_keys(dir);
-    std::fs::write(
-        dir.join("agent.toml"),
-        format!(
-            r#"
-device_id = "{device}"
-data_dir = "data"
-[broker]
-url = "mqtt://127.0.0.1:{broker_port}"
-reconnect_min_ms = 50
-reconnect_max_ms = 1000
-[trust]
-release_keys = ["release.pub"]
-fleet_keys = ["fleet.pub"]
-[api]
-listen = "127.0.0.1:{api_port}"
-[fetch]
-chunk_bytes = 16384
-request_timeout_ms = 1000
-"#
-        ),
-    )
-    .unwrap();
-}
-
-fn model<'a>(state: &'a State, name: &str) -> Option<&'a ModelState> {
-    state.models.iter().find(|m| m.name.as_str() == name)
-}
-
-fn active_version(state: &State, name: &str) -> Option<String> {
-    model(state, name)
-        .and_then(|m| m.active.as_ref())
-        .map(|a| a.version.to_string())
-}
-
-/// Runs the self-test case of `models/{name}/{version}` through the agent's HTTP API.
+/// Runs the self-test case of the sample `models/{name}/{version}` through the agent's API.
 fn infer_matches_self_test(api_port: u16, name: &str, version: &str) {
     let (_, manifest) = sample_manifest(name, version, 0);
-    let body = serde_json::json!({ "inputs": manifest.self_test.inputs });
-    let (status, text) = http(
-        api_port,
-        "POST",
-        &format!("/v2/models/{name}/infer"),
-        body.to_string().as_bytes(),
-    );
-    assert_eq!(status, 200, "{text}");
-    let response: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let outputs: Vec<Tensor> = serde_json::from_value(response["outputs"].clone()).unwrap();
-    compare_outputs(
-        &manifest.self_test.outputs,
-        &outputs,
-        manifest.self_test.tolerance,
-    )
-    .unwrap_or_else(|e| panic!("{name} {version} through the API: {e}"));
+    common::agent::infer_matches_self_test(api_port, &manifest);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -117,8 +19,14 @@ async fn installs_switches_and_refuses_bad_versions_and_replays() {
         eprintln!("broker: {}", broker.name);
         let device = "dev-delivery";
         let dir = tempfile::tempdir().unwrap();
-        let api_port = free_port();
-        write_config(dir.path(), device, broker.port, api_port);
+        let api_port = common::free_port();
+        write_config(
+            dir.path(),
+            device,
+            broker.port,
+            api_port,
+            "[fetch]\nchunk_bytes = 16384\nrequest_timeout_ms = 1000",
+        );
         let responder = Responder::start(broker.port, common::Faults::default()).await;
         let mut control = Control::start(broker.port, device).await;
 

@@ -16,7 +16,10 @@ use fleet_protocol::{
 };
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
-fn free_port() -> u16 {
+pub mod agent;
+pub mod onnx;
+
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free port")
@@ -136,6 +139,8 @@ pub struct Faults {
     pub drop_every: u64,
     /// Append this many bytes past the artifact's end to the last chunk.
     pub overlong_by: usize,
+    /// Wait this long before each reply: a slow link, so a download can be interrupted.
+    pub reply_delay: Duration,
 }
 
 /// Plays the server's part of chunk delivery: answers requests on `{root}/d/+/fetch` with slices
@@ -200,6 +205,9 @@ impl Responder {
                     continue;
                 };
                 seen += 1;
+                if !faults.reply_delay.is_zero() {
+                    tokio::time::sleep(faults.reply_delay).await;
+                }
                 if faults.drop_every > 0 && seen.is_multiple_of(faults.drop_every) {
                     continue;
                 }

@@ -1,0 +1,152 @@
+//! A real `edge-agent` process for end-to-end tests, and what the tests ask of it.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use fleet_protocol::tensor::compare_outputs;
+use fleet_protocol::{Manifest, ModelState, State, Tensor};
+
+use super::http;
+
+/// An agent process, killed (SIGKILL) when dropped.
+pub struct Agent {
+    child: Child,
+}
+
+impl Agent {
+    pub fn start(dir: &Path) -> Agent {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("agent.log"))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_edge-agent"))
+            .args(["run", "--config"])
+            .arg(dir.join("agent.toml"))
+            .env("DRIFTGATE_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("edge-agent starts");
+        Agent { child }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL: no shutdown code runs, as after a power cut (minus the page cache).
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes `agent.toml` (and the trusted public keys) into `dir`; `extra` is appended verbatim
+/// for sections a test needs (`[probation]`, …).
+pub fn write_config(dir: &Path, device: &str, broker_port: u16, api_port: u16, extra: &str) {
+    super::write_public_keys(dir);
+    std::fs::write(
+        dir.join("agent.toml"),
+        format!(
+            r#"
+device_id = "{device}"
+data_dir = "data"
+[broker]
+url = "mqtt://127.0.0.1:{broker_port}"
+reconnect_min_ms = 50
+reconnect_max_ms = 1000
+[trust]
+release_keys = ["release.pub"]
+fleet_keys = ["fleet.pub"]
+[api]
+listen = "127.0.0.1:{api_port}"
+{extra}
+"#
+        ),
+    )
+    .unwrap();
+}
+
+pub fn model<'a>(state: &'a State, name: &str) -> Option<&'a ModelState> {
+    state.models.iter().find(|m| m.name.as_str() == name)
+}
+
+pub fn active_version(state: &State, name: &str) -> Option<String> {
+    model(state, name)
+        .and_then(|m| m.active.as_ref())
+        .map(|a| a.version.to_string())
+}
+
+/// Sends `manifest`'s self-test inputs to the agent's API and returns the status, the version
+/// that answered and the outputs.
+pub fn infer(api_port: u16, manifest: &Manifest) -> (u16, Option<String>, Vec<Tensor>, String) {
+    let name = manifest.name.as_str();
+    let body = serde_json::json!({ "inputs": manifest.self_test.inputs });
+    let (status, text) = http(
+        api_port,
+        "POST",
+        &format!("/v2/models/{name}/infer"),
+        body.to_string().as_bytes(),
+    );
+    if status != 200 {
+        return (status, None, Vec::new(), text);
+    }
+    let response: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let version = response["model_version"].as_str().map(str::to_string);
+    let outputs: Vec<Tensor> = serde_json::from_value(response["outputs"].clone()).unwrap();
+    (status, version, outputs, text)
+}
+
+/// Whether `outputs` are `manifest`'s self-test outputs.
+pub fn matches_self_test(manifest: &Manifest, outputs: &[Tensor]) -> Result<(), String> {
+    compare_outputs(
+        &manifest.self_test.outputs,
+        outputs,
+        manifest.self_test.tolerance,
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// Runs `manifest`'s self-test case through the API and panics unless that very version
+/// answers with the expected outputs.
+pub fn infer_matches_self_test(api_port: u16, manifest: &Manifest) {
+    let (status, version, outputs, text) = infer(api_port, manifest);
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(
+        version.as_deref(),
+        Some(manifest.version.as_str()),
+        "{text}"
+    );
+    matches_self_test(manifest, &outputs).unwrap_or_else(|e| {
+        panic!(
+            "{} {} through the API: {e}",
+            manifest.name, manifest.version
+        )
+    });
+}
+
+/// Polls until the API answers `/v2/health/live`.
+pub fn wait_for_api(api_port: u16) {
+    for _ in 0..500 {
+        if std::net::TcpStream::connect(("127.0.0.1", api_port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    panic!("the agent's API did not come up on port {api_port}");
+}
+
+/// The end of the agent's log in `dir`, for failure messages.
+pub fn log_tail(dir: &Path) -> String {
+    let log = std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
