@@ -18,6 +18,7 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 pub mod agent;
 pub mod onnx;
+pub mod tls;
 
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -26,7 +27,7 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-fn wait_for_port(port: u16, what: &str) {
+pub fn wait_for_port(port: u16, what: &str) {
     for _ in 0..250 {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
             return;
@@ -56,12 +57,7 @@ impl Drop for TestBroker {
 /// The brokers to run a test against: always the embedded one, and Mosquitto when
 /// `DRIFTGATE_TEST_MOSQUITTO=1` says it is installed (`.ci/run` installs it).
 pub fn brokers(test: &str) -> Vec<TestBroker> {
-    let mut brokers = vec![TestBroker {
-        name: "embedded rumqttd",
-        port: start_broker(),
-        process: None,
-        _dir: None,
-    }];
+    let mut brokers = vec![embedded_broker()];
     if driftgate_tests::require_env(
         test,
         "DRIFTGATE_TEST_MOSQUITTO",
@@ -70,6 +66,33 @@ pub fn brokers(test: &str) -> Vec<TestBroker> {
         brokers.push(start_mosquitto());
     }
     brokers
+}
+
+impl TestBroker {
+    /// A broker process the test started, killed when this is dropped.
+    pub fn from_process(
+        name: &'static str,
+        port: u16,
+        process: std::process::Child,
+        dir: tempfile::TempDir,
+    ) -> TestBroker {
+        TestBroker {
+            name,
+            port,
+            process: Some(process),
+            _dir: Some(dir),
+        }
+    }
+}
+
+/// The embedded broker (rumqttd in this process).
+pub fn embedded_broker() -> TestBroker {
+    TestBroker {
+        name: "embedded rumqttd",
+        port: start_broker(),
+        process: None,
+        _dir: None,
+    }
 }
 
 /// Starts a Mosquitto process on a free loopback port with a throwaway config.

@@ -1,0 +1,582 @@
+//! The agent's performance, measured in one run against the targets of issue 3:
+//!
+//! - per sample model: the bare plan's latency (`Plan::run`: tract plus tensor conversion), the
+//!   HTTP API's p50/p99 latency on one keep-alive connection and its throughput with several
+//!   clients, onnxruntime's latency on one thread (when the Python package is installed), and
+//!   the ratios between them;
+//! - model delivery in MB/s: a 64 MiB artifact fetched through a broker on loopback with the
+//!   agent's own link and downloader (the embedded broker, and Mosquitto when it is installed);
+//! - the idle RSS of the real `edge-agent` binary with `cancer-logreg` active.
+//!
+//! Every request carries one row (batch 1), so a request is one inference.
+//!
+//! ```text
+//! cargo bench -p edge-agent --bench inference              # full run (about a minute)
+//! cargo bench -p edge-agent --bench inference -- --quick   # fewer iterations
+//! cargo bench -p edge-agent --bench inference -- --check   # exit 1 when a target is missed
+//! ```
+//!
+//! The clients run on the same machine as the server, so on a 2-core machine they compete with
+//! it for the CPU: the throughput figures are a floor, not a ceiling.
+
+#[allow(dead_code)]
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use edge_agent::config::AgentConfig;
+use edge_agent::fetch::download;
+use edge_agent::link;
+use edge_agent::metrics::Metrics;
+use edge_agent::runtime::Plan;
+use edge_agent::serve::{self, ModelTable, ServeConfig, ServeState, ServingModel};
+use fleet_protocol::tensor::Dim;
+use fleet_protocol::{
+    ElementType, Manifest, ModelName, ModelVersion, SelfTest, Sha256Digest, Tensor, TensorData,
+    TensorSpec, Tolerance, V1,
+};
+
+/// The sample models, small to large.
+const MODELS: [(&str, &str); 5] = [
+    ("cancer-logreg", "v1"),
+    ("wine-forest", "v1"),
+    ("digits-mlp", "v1"),
+    ("digits-cnn", "v1"),
+    ("digits-mlp", "v2"),
+];
+/// The models the API-overhead target applies to.
+const TABULAR: [&str; 2] = ["cancer-logreg", "wine-forest"];
+const TARGET_OVERHEAD_US: f64 = 100.0;
+const TARGET_THROUGHPUT: f64 = 20_000.0;
+const TARGET_DELIVERY_MB_S: f64 = 100.0;
+const TARGET_IDLE_RSS_MIB: f64 = 20.0;
+
+struct Options {
+    quick: bool,
+    check: bool,
+}
+
+struct Percentiles {
+    p50: f64,
+    p99: f64,
+}
+
+fn percentiles(mut samples: Vec<f64>) -> Percentiles {
+    samples.sort_by(f64::total_cmp);
+    let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
+    Percentiles {
+        p50: at(0.50),
+        p99: at(0.99),
+    }
+}
+
+/// The first row of every input of the model's self-test case: a batch-1 request.
+fn one_row(case: &SelfTest) -> Vec<Tensor> {
+    case.inputs
+        .iter()
+        .map(|t| {
+            let rows = t.shape.first().copied().unwrap_or(1).max(1) as usize;
+            let per_row = t.data.len() / rows;
+            let data = match &t.data {
+                TensorData::F32(v) => TensorData::F32(v[..per_row].to_vec()),
+                TensorData::F64(v) => TensorData::F64(v[..per_row].to_vec()),
+                TensorData::I64(v) => TensorData::I64(v[..per_row].to_vec()),
+                TensorData::I32(v) => TensorData::I32(v[..per_row].to_vec()),
+                other => panic!("a sample model input of type {:?}", other.element_type()),
+            };
+            let mut shape = t.shape.clone();
+            if let Some(first) = shape.first_mut() {
+                *first = 1;
+            }
+            Tensor::new(t.name.clone(), shape, data).unwrap()
+        })
+        .collect()
+}
+
+fn bare_plan_latency(plan: &Plan, inputs: &[Tensor], iters: usize) -> Percentiles {
+    for _ in 0..iters / 10 {
+        plan.run(inputs).unwrap();
+    }
+    let samples = (0..iters)
+        .map(|_| {
+            let started = Instant::now();
+            std::hint::black_box(plan.run(inputs).unwrap());
+            started.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
+    percentiles(samples)
+}
+
+/// One keep-alive HTTP/1.1 connection that sends the same request again and again.
+struct Client {
+    reader: BufReader<TcpStream>,
+    request: Arc<Vec<u8>>,
+    body: Vec<u8>,
+}
+
+impl Client {
+    fn connect(address: SocketAddr, request: Arc<Vec<u8>>) -> Client {
+        let stream = TcpStream::connect(address).expect("the API accepts connections");
+        stream.set_nodelay(true).unwrap();
+        Client {
+            reader: BufReader::new(stream),
+            request,
+            body: Vec::new(),
+        }
+    }
+
+    /// Sends the request and reads the whole response; returns the status.
+    fn call(&mut self) -> u16 {
+        self.reader.get_mut().write_all(&self.request).unwrap();
+        let mut line = String::new();
+        self.reader.read_line(&mut line).unwrap();
+        let status: u16 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("not an HTTP response: {line:?}"));
+        let mut length = 0usize;
+        loop {
+            line.clear();
+            self.reader.read_line(&mut line).unwrap();
+            let header = line.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = header.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse().unwrap();
+                }
+            }
+        }
+        self.body.resize(length, 0);
+        self.reader.read_exact(&mut self.body).unwrap();
+        status
+    }
+}
+
+fn infer_request(name: &str, inputs: &[Tensor]) -> Arc<Vec<u8>> {
+    let body = serde_json::json!({ "inputs": inputs }).to_string();
+    let mut request = format!(
+        "POST /v2/models/{name}/infer HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(body.as_bytes());
+    Arc::new(request)
+}
+
+fn api_latency(address: SocketAddr, request: &Arc<Vec<u8>>, iters: usize) -> Percentiles {
+    let mut client = Client::connect(address, request.clone());
+    for _ in 0..iters / 10 {
+        assert_eq!(
+            client.call(),
+            200,
+            "{}",
+            String::from_utf8_lossy(&client.body)
+        );
+    }
+    let samples = (0..iters)
+        .map(|_| {
+            let started = Instant::now();
+            let status = client.call();
+            let elapsed = started.elapsed().as_secs_f64() * 1e6;
+            assert_eq!(status, 200);
+            elapsed
+        })
+        .collect();
+    percentiles(samples)
+}
+
+/// Requests per second with `clients` connections sending back to back for `duration`.
+fn api_throughput(
+    address: SocketAddr,
+    request: &Arc<Vec<u8>>,
+    clients: usize,
+    duration: Duration,
+) -> f64 {
+    let started = Instant::now();
+    let threads: Vec<_> = (0..clients)
+        .map(|_| {
+            let request = request.clone();
+            std::thread::spawn(move || {
+                let mut client = Client::connect(address, request);
+                let mut done = 0u64;
+                while started.elapsed() < duration {
+                    assert_eq!(client.call(), 200);
+                    done += 1;
+                }
+                done
+            })
+        })
+        .collect();
+    let total: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    total as f64 / started.elapsed().as_secs_f64()
+}
+
+fn python() -> String {
+    std::env::var("DRIFTGATE_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// onnxruntime's p50 on one thread, or why there is none.
+fn onnxruntime_latency(model: &Path, case: &Path, iters: usize) -> Result<(f64, String), String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/ort_latency.py");
+    let output = Command::new(python())
+        .arg(&script)
+        .arg("--model")
+        .arg(model)
+        .arg("--case")
+        .arg(case)
+        .arg("--iters")
+        .arg(iters.to_string())
+        .output()
+        .map_err(|e| format!("{}: {e}", python()))?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    if output.status.code() == Some(3) {
+        return Err("onnxruntime is not installed (pip install -r models/requirements.txt)".into());
+    }
+    if !output.status.success() {
+        return Err(format!(
+            "ort_latency.py failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        ));
+    }
+    let value: serde_json::Value =
+        serde_json::from_str(text.trim()).map_err(|e| format!("{e}: {text}"))?;
+    Ok((
+        value["p50_us"].as_f64().unwrap_or(f64::NAN),
+        value["version"].as_str().unwrap_or("?").to_string(),
+    ))
+}
+
+struct Verdicts {
+    missed: Vec<String>,
+}
+
+impl Verdicts {
+    fn judge(&mut self, what: String, ok: bool) -> &'static str {
+        if ok {
+            "ok"
+        } else {
+            self.missed.push(what);
+            "MISSED"
+        }
+    }
+}
+
+fn bench_models(runtime: &tokio::runtime::Runtime, options: &Options, verdicts: &mut Verdicts) {
+    let plan_iters = if options.quick { 2_000 } else { 20_000 };
+    let api_iters = if options.quick { 2_000 } else { 10_000 };
+    let window = Duration::from_secs(if options.quick { 1 } else { 3 });
+    let models_dir = common::models_dir();
+
+    println!("== inference, batch 1, per request (µs; throughput in requests/s) ==");
+    println!(
+        "{:<18} {:>9} {:>9} {:>9} {:>10} {:>12} {:>12} {:>10} {:>11}",
+        "model",
+        "plan p50",
+        "api p50",
+        "api p99",
+        "overhead",
+        "api req/s",
+        "req/s (c)",
+        "ort p50",
+        "tract/ort"
+    );
+    for (name, version) in MODELS {
+        let onnx_path = models_dir.join(name).join(format!("{version}.onnx"));
+        let case_path = onnx_path.with_extension("selftest.json");
+        let (onnx, manifest) = common::sample_manifest(name, version, 1);
+        let plan = Plan::load(&onnx, &manifest.inputs).unwrap();
+        let inputs = one_row(&manifest.self_test);
+        let bare = bare_plan_latency(&plan, &inputs, plan_iters);
+
+        let table = Arc::new(ModelTable::new());
+        table.set(Arc::new(ServingModel::new(
+            manifest.name.clone(),
+            manifest.version.clone(),
+            1,
+            plan,
+        )));
+        let state = ServeState::new(table, Arc::new(Metrics::new()), &ServeConfig::default());
+        let (address, stop) = runtime.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let address = listener.local_addr().unwrap();
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            tokio::spawn(serve::serve(listener, state, async move {
+                let _ = stopped.await;
+            }));
+            (address, stop)
+        });
+        let request = infer_request(name, &inputs);
+        let api = api_latency(address, &request, api_iters);
+        // Several client counts; the best one is the server's throughput on this machine.
+        let mut best = (0.0, 0);
+        for clients in [1, 2, 4] {
+            let rate = api_throughput(address, &request, clients, window);
+            if rate > best.0 {
+                best = (rate, clients);
+            }
+        }
+        let _ = stop.send(());
+
+        let ort = onnxruntime_latency(&onnx_path, &case_path, plan_iters / 4);
+        let (ort_p50, ratio) = match &ort {
+            Ok((p50, _)) => (format!("{p50:.1}"), format!("{:.2}×", bare.p50 / p50)),
+            Err(_) => ("n/a".into(), "n/a".into()),
+        };
+        let label = format!("{name}/{version}");
+        println!(
+            "{:<18} {:>9.1} {:>9.1} {:>9.1} {:>10.1} {:>12.0} {:>12} {:>10} {:>11}",
+            label,
+            bare.p50,
+            api.p50,
+            api.p99,
+            api.p50 - bare.p50,
+            best.0,
+            format!("({})", best.1),
+            ort_p50,
+            ratio
+        );
+        if let Err(why) = &ort {
+            if name == MODELS[0].0 {
+                println!("  onnxruntime: {why}");
+            }
+        }
+        if TABULAR.contains(&name) {
+            let overhead = api.p50 - bare.p50;
+            let verdict = verdicts.judge(
+                format!("{label}: API overhead {overhead:.1} µs > {TARGET_OVERHEAD_US} µs"),
+                overhead <= TARGET_OVERHEAD_US,
+            );
+            println!("  target: API overhead at p50 ≤ {TARGET_OVERHEAD_US} µs: {overhead:.1} µs {verdict}");
+        }
+        if name == "cancer-logreg" {
+            let verdict = verdicts.judge(
+                format!("{label}: {:.0} inferences/s < {TARGET_THROUGHPUT}", best.0),
+                best.0 >= TARGET_THROUGHPUT,
+            );
+            println!(
+                "  target: ≥ {TARGET_THROUGHPUT} inferences/s through the API: {:.0} {verdict}",
+                best.0
+            );
+        }
+    }
+    if let Ok((_, version)) = onnxruntime_latency(
+        &models_dir.join("cancer-logreg/v1.onnx"),
+        &models_dir.join("cancer-logreg/v1.selftest.json"),
+        10,
+    ) {
+        println!("  (onnxruntime {version}, one thread; tract/ort < 1 means tract is faster)");
+    }
+}
+
+/// A manifest for an opaque artifact: the downloader only reads its size and digest.
+fn blob_manifest(artifact: &[u8]) -> Manifest {
+    let spec = TensorSpec {
+        name: "x".into(),
+        datatype: ElementType::F32,
+        shape: vec![Dim::Fixed(1)],
+    };
+    let x = Tensor::new("x", vec![1], TensorData::F32(vec![0.0])).unwrap();
+    Manifest {
+        v: V1,
+        name: ModelName::new("blob").unwrap(),
+        release: 1,
+        version: ModelVersion::new("v1").unwrap(),
+        sha256: Sha256Digest::of(artifact),
+        size: artifact.len() as u64,
+        inputs: vec![spec.clone()],
+        outputs: vec![spec],
+        self_test: SelfTest {
+            inputs: vec![x.clone()],
+            outputs: vec![x],
+            tolerance: Tolerance::default(),
+        },
+        profile_sha256: None,
+        min_agent_version: None,
+        created_at_ms: 0,
+    }
+}
+
+fn random_bytes(len: usize) -> Vec<u8> {
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    (0..len / 8)
+        .flat_map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state.to_le_bytes()
+        })
+        .collect()
+}
+
+/// MB/s of one download of `artifact` through the broker on `port`, with the agent's defaults
+/// (256 KiB chunks, 8 in flight).
+async fn delivery_rate(port: u16, artifact: &Arc<Vec<u8>>, device: &str) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    common::write_public_keys(dir.path());
+    let text = format!(
+        "device_id = \"{device}\"\ndata_dir = \"data\"\n[broker]\nurl = \"mqtt://127.0.0.1:{port}\"\n[trust]\nrelease_keys = [\"release.pub\"]\nfleet_keys = [\"fleet.pub\"]\n"
+    );
+    let config = AgentConfig::parse(&text, &dir.path().join("agent.toml"), dir.path()).unwrap();
+    let responder = common::Responder::start(port, common::Faults::default()).await;
+    responder.add(artifact.to_vec());
+    let (handle, mut inbound, driver) = link::start(&config).unwrap();
+    tokio::spawn(driver);
+    inbound.connected.wait_for(|c| *c).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let staging = dir.path().join("blob.part");
+    let manifest = blob_manifest(artifact);
+    let started = Instant::now();
+    let report = download(
+        &manifest,
+        &staging,
+        &config.fetch,
+        &handle,
+        &mut inbound.chunks,
+        |_, _| {},
+    )
+    .await
+    .expect("the download completes");
+    let elapsed = started.elapsed();
+    assert_eq!(report.fetched, artifact.len() as u64);
+    handle.disconnect().await;
+    artifact.len() as f64 / 1e6 / elapsed.as_secs_f64()
+}
+
+fn bench_delivery(runtime: &tokio::runtime::Runtime, options: &Options, verdicts: &mut Verdicts) {
+    let size = if options.quick { 16 << 20 } else { 64 << 20 };
+    let artifact = Arc::new(random_bytes(size));
+    println!(
+        "\n== model delivery: {} MiB through a broker on loopback (256 KiB chunks, window 8) ==",
+        size >> 20
+    );
+    let mut brokers = vec![common::embedded_broker()];
+    if which("mosquitto") {
+        brokers.push(common::start_mosquitto());
+    } else {
+        println!("  mosquitto: not installed (apt-get install mosquitto), skipped");
+    }
+    for broker in &brokers {
+        let rate = runtime.block_on(delivery_rate(broker.port, &artifact, "bench-delivery"));
+        let verdict = verdicts.judge(
+            format!(
+                "delivery via {}: {rate:.0} MB/s < {TARGET_DELIVERY_MB_S}",
+                broker.name
+            ),
+            rate >= TARGET_DELIVERY_MB_S,
+        );
+        println!(
+            "  {:<18} {rate:>7.0} MB/s   target ≥ {TARGET_DELIVERY_MB_S} MB/s {verdict}",
+            broker.name
+        );
+    }
+}
+
+fn which(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+}
+
+/// VmRSS of a process, in KiB.
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+fn bench_idle_rss(runtime: &tokio::runtime::Runtime, verdicts: &mut Verdicts) {
+    println!("\n== idle memory: the edge-agent binary of this build, cancer-logreg active ==");
+    let port = common::start_broker();
+    let dir = tempfile::tempdir().unwrap();
+    let api_port = common::free_port();
+    common::agent::write_config(dir.path(), "bench-rss", port, api_port, "");
+    let device = "bench-rss";
+    let (onnx, manifest) = common::sample_manifest("cancer-logreg", "v1", 1);
+    let agent = runtime.block_on(async {
+        let responder = common::Responder::start(port, common::Faults::default()).await;
+        responder.add(onnx);
+        let mut control = common::Control::start(port, device).await;
+        let agent = common::agent::Agent::start(dir.path());
+        control.wait_for("the agent's first state", |_| true).await;
+        control
+            .publish_directive(
+                device,
+                common::directive(device, 1, vec![(common::sign_manifest(&manifest), false)]),
+            )
+            .await;
+        control
+            .wait_for("cancer-logreg active", |s| {
+                common::agent::active_version(s, "cancer-logreg").as_deref() == Some("v1")
+            })
+            .await;
+        agent
+    });
+    common::agent::infer_matches_self_test(api_port, &manifest);
+    // Idle: a few seconds with nothing to do (keep-alives only).
+    std::thread::sleep(Duration::from_secs(3));
+    let Some(kib) = rss_kib(agent.pid()) else {
+        println!(
+            "  /proc/{}/status is not readable here; no figure",
+            agent.pid()
+        );
+        return;
+    };
+    let mib = kib as f64 / 1024.0;
+    let verdict = verdicts.judge(
+        format!("idle RSS {mib:.1} MiB > {TARGET_IDLE_RSS_MIB} MiB"),
+        mib <= TARGET_IDLE_RSS_MIB,
+    );
+    println!(
+        "  VmRSS {mib:.1} MiB ({kib} KiB)   target ≤ {TARGET_IDLE_RSS_MIB} MiB {verdict}   ({})",
+        env!("CARGO_BIN_EXE_edge-agent")
+    );
+    agent.kill();
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let options = Options {
+        quick: args.iter().any(|a| a == "--quick"),
+        check: args.iter().any(|a| a == "--check"),
+    };
+    // Like the agent: a multi-threaded runtime with one worker per core.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!(
+        "edge-agent benchmark: {cores} cores, {} build\n",
+        if cfg!(debug_assertions) {
+            "DEBUG (figures meaningless: use cargo bench)"
+        } else {
+            "optimised"
+        }
+    );
+    let mut verdicts = Verdicts { missed: Vec::new() };
+    bench_models(&runtime, &options, &mut verdicts);
+    bench_delivery(&runtime, &options, &mut verdicts);
+    bench_idle_rss(&runtime, &mut verdicts);
+    println!();
+    if verdicts.missed.is_empty() {
+        println!("all targets met");
+    } else {
+        println!("targets missed:");
+        for missed in &verdicts.missed {
+            println!("  - {missed}");
+        }
+        if options.check {
+            std::process::exit(1);
+        }
+    }
+}
