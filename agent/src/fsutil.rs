@@ -41,6 +41,17 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> io::Result<()> {
 }
 
 /// Size and SHA-256 of a file, read in 64 KiB pieces.
+/// Reads at most `limit + 1` bytes of a file: a file that has grown past what it may hold
+/// (tampering, a disk error) shows as too long without being read whole into memory.
+pub fn read_bounded(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let file = File::open(path)?;
+    let expected = file.metadata().map(|m| m.len().min(limit + 1)).unwrap_or(0);
+    let mut bytes = Vec::with_capacity(expected as usize);
+    file.take(limit.saturating_add(1)).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
 pub fn hash_file(path: &Path) -> io::Result<(u64, fleet_protocol::Sha256Digest)> {
     use sha2::{Digest, Sha256};
     use std::io::Read;

@@ -219,7 +219,12 @@ pub fn start(
     install_crypto_provider();
     let options = mqtt_options(config)?;
     // Room for a full fetch window of requests plus the PUBACKs of the replies in flight.
-    let (client, eventloop) = AsyncClient::new(options, 256);
+    let (client, mut eventloop) = AsyncClient::new(options, 256);
+    // Chunk requests are small and latency-bound: Nagle's algorithm would hold them back
+    // behind the ACK of the previous segment.
+    let mut network = eventloop.network_options();
+    network.set_tcp_nodelay(true);
+    eventloop.set_network_options(network);
     let stats = Arc::new(LinkStats::default());
     let (directive_tx, directive) = watch::channel(None);
     let (ack_tx, ack) = watch::channel(None);

@@ -6,7 +6,9 @@
 //! an `Arc`. [`inspect`] reads a model's declared signature; `fleetctl model sign` uses it so
 //! that what the manifest declares is what this runtime will enforce.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use fleet_protocol::tensor::{compare_outputs, Dim, Mismatch};
 use fleet_protocol::{ElementType, SelfTest, Tensor, TensorData, TensorSpec};
@@ -217,11 +219,14 @@ pub fn inspect(onnx: &[u8]) -> Result<ModelSignature, RuntimeError> {
     Ok(ModelSignature { inputs, outputs })
 }
 
-/// An optimised, runnable model. Clones share the plan.
+/// An optimised, runnable model. Clones share the plan (and its run-time estimate).
 #[derive(Clone)]
 pub struct Plan {
     signature: Arc<ModelSignature>,
     plan: Arc<TypedRunnableModel>,
+    /// A running average of recent run times in nanoseconds (0 until the first run): lets the
+    /// API run tiny models in place instead of paying for a hop to the blocking pool.
+    typical_run_ns: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Plan {
@@ -245,7 +250,27 @@ impl Plan {
                 outputs,
             }),
             plan,
+            typical_run_ns: Arc::new(AtomicU64::new(0)),
         })
+    }
+
+    /// The typical duration of one run, from the recent ones (the self-test's first). `None`
+    /// before the plan ever ran.
+    pub fn typical_run(&self) -> Option<std::time::Duration> {
+        match self.typical_run_ns.load(Ordering::Relaxed) {
+            0 => None,
+            ns => Some(std::time::Duration::from_nanos(ns)),
+        }
+    }
+
+    /// Folds one run's duration into the running average (weight 1/8, so one slow call
+    /// does not flip the estimate).
+    fn record_run(&self, ns: u64) {
+        let ns = ns.max(1);
+        let old = self.typical_run_ns.load(Ordering::Relaxed);
+        let new = if old == 0 { ns } else { (old * 7 + ns) / 8 };
+        // Lost updates under contention only make the estimate a little staler.
+        self.typical_run_ns.store(new, Ordering::Relaxed);
     }
 
     pub fn signature(&self) -> &ModelSignature {
@@ -308,10 +333,12 @@ impl Plan {
                     .join(", ")
             )));
         }
+        let started = Instant::now();
         let outputs = self
             .plan
             .run(values)
             .map_err(|e| RuntimeError::Inference(format!("{e:#}")))?;
+        self.record_run(started.elapsed().as_nanos() as u64);
         outputs
             .iter()
             .zip(&self.signature.outputs)

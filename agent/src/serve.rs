@@ -49,6 +49,10 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 /// Content type of the Prometheus text exposition format.
 pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4";
 
+/// Models whose typical run is at most this long run on the async worker that received the
+/// request; slower ones on the blocking pool.
+pub const INLINE_RUN_MAX: std::time::Duration = std::time::Duration::from_micros(500);
+
 /// The version of a model that is currently served under its name.
 #[derive(Debug)]
 pub struct ServingModel {
@@ -262,6 +266,13 @@ pub async fn serve(
         Ok(addr) => tracing::info!(%addr, "inference API listening"),
         Err(e) => tracing::info!(error = %e, "inference API listening"),
     }
+    use axum::serve::ListenerExt;
+    // Responses go out as soon as they are written, not after the client's delayed ACK.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
         .await
@@ -497,14 +508,29 @@ async fn run_inference(
         .await
         .map_err(|_| ApiError::ShuttingDown)?;
     let running = Arc::clone(model);
-    let (result, latency) = tokio::task::spawn_blocking(move || {
+    let run = move || {
         let _permit = permit;
         let started = Instant::now();
         let result = running.plan.run(&inputs);
         (result, started.elapsed())
-    })
-    .await
-    .map_err(|e| ApiError::Runtime(format!("the inference task failed: {e}")))?;
+    };
+    // Where the inference runs. A model that typically runs within `INLINE_RUN_MAX` runs right
+    // here: a hop to the blocking pool and back costs two thread wake-ups (tens of
+    // microseconds on a small device, more than such a model's whole run), and holding this
+    // worker that briefly delays its other tasks by no more than one inference. Slower models
+    // (or ones not yet measured) run on the blocking pool. Either way the permit above bounds
+    // how many run at once.
+    let inline = model
+        .plan
+        .typical_run()
+        .is_some_and(|typical| typical <= INLINE_RUN_MAX);
+    let (result, latency) = if inline {
+        run()
+    } else {
+        tokio::task::spawn_blocking(run)
+            .await
+            .map_err(|e| ApiError::Runtime(format!("the inference task failed: {e}")))?
+    };
     let outputs = result.map_err(|e| match e {
         RuntimeError::BadInput(message) => ApiError::BadRequest(message),
         other => ApiError::Runtime(other.to_string()),

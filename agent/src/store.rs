@@ -18,7 +18,7 @@ use fleet_protocol::trust::{verify_artifact, verify_manifest};
 use fleet_protocol::{decode, Envelope, KeyRing, Manifest, ModelName, ModelVersion, Sha256Digest};
 use serde::{Deserialize, Serialize};
 
-use crate::fsutil::{atomic_write, fsync_dir, hash_file, sync_rename};
+use crate::fsutil::{atomic_write, fsync_dir, hash_file, read_bounded, sync_rename};
 
 const ACTIVE: &str = "ACTIVE.json";
 const MODEL: &str = "model.onnx";
@@ -287,7 +287,11 @@ impl ModelStore {
             });
         }
         let manifest_path = dir.join(MANIFEST);
-        let bytes = fs::read(&manifest_path).map_err(io(&manifest_path))?;
+        let bytes = read_bounded(
+            &manifest_path,
+            fleet_protocol::limits::MAX_CONTROL_MESSAGE_BYTES as u64,
+        )
+        .map_err(io(&manifest_path))?;
         let corrupt = |reason: String| StoreError::Corrupt {
             path: manifest_path.clone(),
             reason,
@@ -301,7 +305,8 @@ impl ModelStore {
             )));
         }
         let model_path = dir.join(MODEL);
-        let onnx = fs::read(&model_path).map_err(io(&model_path))?;
+        // Never more than the signed size (plus one byte, to tell "too long").
+        let onnx = read_bounded(&model_path, manifest.size).map_err(io(&model_path))?;
         verify_artifact(&manifest, onnx.len() as u64, &Sha256Digest::of(&onnx)).map_err(|e| {
             StoreError::Corrupt {
                 path: model_path.clone(),
@@ -640,6 +645,27 @@ mod tests {
         install(&store, "v3", 3);
         assert_eq!(store.prune(&name()).unwrap(), vec![v("v1")]);
         assert_eq!(store.versions(&name()).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_stored_artifact_that_grew_is_refused_without_reading_it_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ModelStore::open(dir.path(), 3).unwrap();
+        install(&store, "v1", 1);
+        let model = dir.path().join("models/digits-mlp/v1/model.onnx");
+        let size = fs::metadata(&model).unwrap().len();
+        let file = fs::OpenOptions::new().append(true).open(&model).unwrap();
+        // 1 GiB of holes: cheap on disk, and far more than load may read.
+        file.set_len(size + (1 << 30)).unwrap();
+        let err = store
+            .load(&name(), &v("v1"), &ring())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("size"), "{err}");
+        assert_eq!(
+            crate::fsutil::read_bounded(&model, size).unwrap().len() as u64,
+            size + 1
+        );
     }
 
     #[test]

@@ -102,7 +102,7 @@ pub fn start_mosquitto() -> TestBroker {
     let conf = dir.path().join("mosquitto.conf");
     std::fs::write(
         &conf,
-        format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_packet_size 8388608\nlog_dest stderr\nlog_type error\n"),
+        format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_packet_size 8388608\nset_tcp_nodelay true\nlog_dest stderr\nlog_type error\n"),
     )
     .unwrap();
     let binary = std::env::var("MOSQUITTO").unwrap_or_else(|_| "mosquitto".into());
@@ -199,9 +199,20 @@ impl Responder {
             artifacts: Arc::new(Mutex::new(HashMap::new())),
             served: Arc::new(AtomicU64::new(0)),
         };
-        let mut options = MqttOptions::new(format!("test-server-{port}"), "127.0.0.1", port);
+        // A client id of its own: a second responder on the same broker must not take over
+        // the first one's session.
+        static RESPONDERS: AtomicU64 = AtomicU64::new(0);
+        let id = RESPONDERS.fetch_add(1, Ordering::Relaxed);
+        let mut options = MqttOptions::new(
+            format!("test-server-{port}-{}-{id}", std::process::id()),
+            "127.0.0.1",
+            port,
+        );
         options.set_max_packet_size(8 << 20, 8 << 20);
         let (client, mut eventloop) = AsyncClient::new(options, 256);
+        let mut network = eventloop.network_options();
+        network.set_tcp_nodelay(true);
+        eventloop.set_network_options(network);
         let topics = Topics::default();
         client
             .subscribe(topics.all_devices(TopicKind::Fetch), QoS::AtLeastOnce)
