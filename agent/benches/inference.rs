@@ -227,30 +227,36 @@ fn api_latency(address: SocketAddr, request: &Arc<Vec<u8>>, iters: usize) -> Per
     percentiles(samples)
 }
 
-/// Requests per second with `clients` connections sending back to back for `duration`.
+/// Requests per second with `clients` connections sending back to back for `duration`, and
+/// the latency of those requests (under load, so without idle wake-ups).
 fn api_throughput(
     address: SocketAddr,
     request: &Arc<Vec<u8>>,
     clients: usize,
     duration: Duration,
-) -> f64 {
+) -> (f64, Percentiles) {
     let started = Instant::now();
     let threads: Vec<_> = (0..clients)
         .map(|_| {
             let request = request.clone();
             std::thread::spawn(move || {
                 let mut client = Client::connect(address, request);
-                let mut done = 0u64;
+                let mut samples = Vec::new();
                 while started.elapsed() < duration {
+                    let sent = Instant::now();
                     assert_eq!(client.call(), 200);
-                    done += 1;
+                    samples.push(sent.elapsed().as_secs_f64() * 1e6);
                 }
-                done
+                samples
             })
         })
         .collect();
-    let total: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
-    total as f64 / started.elapsed().as_secs_f64()
+    let samples: Vec<f64> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    let rate = samples.len() as f64 / started.elapsed().as_secs_f64();
+    (rate, percentiles(samples))
 }
 
 fn python() -> String {
@@ -376,7 +382,7 @@ fn bench_models(runtime: &tokio::runtime::Runtime, options: &Options, verdicts: 
                 rx.recv().unwrap()
             };
             let single = api_latency(address1, &request, api_iters);
-            let single_rate = api_throughput(address1, &request, 2, window);
+            let (single_rate, _) = api_throughput(address1, &request, 2, window);
             let _ = stop1.send(());
             println!(
                 "  (the API on a current-thread runtime: p50 {:.1} µs, p99 {:.1} µs, {:.0} requests/s with 2 clients)",
@@ -389,13 +395,26 @@ fn bench_models(runtime: &tokio::runtime::Runtime, options: &Options, verdicts: 
                 "  (the HTTP round trip itself, GET /v2/health/live on the same kind of connection: p50 {:.1} µs, p99 {:.1} µs)",
                 floor.p50, floor.p99
             );
+            let metadata = Arc::new(
+                format!("GET /v2/models/{name} HTTP/1.1\r\nHost: localhost\r\n\r\n").into_bytes(),
+            );
+            let metadata = api_latency(address, &metadata, api_iters);
+
+            println!(
+                "  (GET /v2/models/{name}, a JSON response and no request body: p50 {:.1} µs, p99 {:.1} µs)",
+                metadata.p50, metadata.p99
+            );
         }
         // Several client counts; the best one is the server's throughput on this machine.
         let mut best = (0.0, 0);
+        let mut loaded = Percentiles { p50: 0.0, p99: 0.0 };
         for clients in [1, 2, 4] {
-            let rate = api_throughput(address, &request, clients, window);
+            let (rate, latency) = api_throughput(address, &request, clients, window);
             if rate > best.0 {
                 best = (rate, clients);
+            }
+            if clients == 2 {
+                loaded = latency;
             }
         }
         let _ = stop.send(());
@@ -424,6 +443,12 @@ fn bench_models(runtime: &tokio::runtime::Runtime, options: &Options, verdicts: 
                 println!("  onnxruntime: {why}");
             }
         }
+        println!(
+            "  {label}: under load (2 clients back to back) p50 {:.1} µs, p99 {:.1} µs; the handler in process adds {:.1} µs to the plan",
+            loaded.p50,
+            loaded.p99,
+            handler.p50 - bare.p50
+        );
         if TABULAR.contains(&name) {
             let overhead = api.p50 - bare.p50;
             let verdict = verdicts.judge(
