@@ -10,6 +10,7 @@ pub mod fetch; // chunked, windowed, resumable artifact download bounded by the 
 pub mod fsutil; // file helpers: crash-safe writes, streamed file digests
 pub mod link; // the MQTT session: TLS, last will, jittered reconnect, resubscribe, topic routing
 pub mod metrics; // counters and latency histograms, rendered as Prometheus text
+pub mod outbox; // everything for the server, in SQLite until acknowledged, under a byte quota
 pub mod runtime; // ONNX models loaded, optimised and run with tract; self-tests
 pub mod serve; // the local inference API (Open Inference Protocol / KServe v2 over HTTP) and /metrics
 pub mod store; // model versions on disk: install, atomic activation, keep the last N, start-up recovery

@@ -1,0 +1,519 @@
+//! The outbox: everything the agent must tell the server, kept in SQLite until the server
+//! acknowledges it.
+//!
+//! ```text
+//! {data_dir}/outbox.db      items(id, priority, kind, at_ms, bytes, body)   WAL, auto_vacuum
+//! ```
+//!
+//! Ids increase with every stored item and are never reused (`AUTOINCREMENT`), so the server
+//! can store items idempotently by (device, id) and acknowledge "everything up to id N"; only
+//! then are items deleted. Sending never deletes.
+//!
+//! A byte quota bounds the files on disk (the database and its write-ahead log). When an
+//! append would pass it, the oldest items of the lowest priority go first (samples, then
+//! detailed telemetry, then summaries); install and rollback events are never evicted. What
+//! was evicted is counted per kind, persisted, and reported upstream in an `evictions` item.
+//!
+//! This type is synchronous and owns its connection; the agent runs it on one thread of its
+//! own and talks to it through a channel, so writers never wait for the disk.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use fleet_protocol::outbox::{Evictions, Item, ItemBody, Priority};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+
+/// Why the outbox could not do what it was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    #[error("outbox {path}: {cause}")]
+    Sqlite {
+        path: PathBuf,
+        cause: rusqlite::Error,
+    },
+    #[error("outbox {path}: an item cannot be encoded: {cause}")]
+    Encode {
+        path: PathBuf,
+        cause: serde_json::Error,
+    },
+}
+
+/// The outbox's limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutboxLimits {
+    /// Bytes the database and its log may take on disk together.
+    pub quota_bytes: u64,
+}
+
+impl Default for OutboxLimits {
+    fn default() -> Self {
+        OutboxLimits {
+            quota_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// What one append did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AppendReport {
+    /// Ids given to the appended items, in order.
+    pub ids: Vec<u64>,
+    /// Items evicted to make room, by kind.
+    pub evicted: BTreeMap<String, u64>,
+}
+
+/// Counts and sizes, for health reports and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OutboxStats {
+    pub items: u64,
+    pub content_bytes: u64,
+    pub file_bytes: u64,
+    /// Evictions not yet reported upstream, by kind.
+    pub unreported_evictions: BTreeMap<String, u64>,
+}
+
+/// Share of the quota the stored content may fill before evictions start: SQLite pages are
+/// never full, the index takes its share, and the log needs room to work in.
+const CONTENT_SHARE_OF_QUOTA: f64 = 0.4;
+
+/// Share of the quota the write-ahead log may grow to before it is folded into the database.
+const WAL_SHARE_OF_QUOTA: u64 = 8;
+
+pub struct Outbox {
+    connection: Connection,
+    path: PathBuf,
+    limits: OutboxLimits,
+    /// Sum of the stored bodies' sizes, kept in step with every change.
+    content_bytes: u64,
+}
+
+impl Outbox {
+    /// Opens (or creates) the outbox in `path`.
+    pub fn open(path: &Path, limits: OutboxLimits) -> Result<Outbox, OutboxError> {
+        let sqlite = |cause| OutboxError::Sqlite {
+            path: path.to_path_buf(),
+            cause,
+        };
+        let connection = Connection::open(path).map_err(sqlite)?;
+        // auto_vacuum must be chosen before the first table exists; it lets deletes give
+        // pages back to the file system (incremental_vacuum), so the quota bounds the file.
+        let wal_bytes = (limits.quota_bytes / WAL_SHARE_OF_QUOTA).max(64 * 1024);
+        connection
+            .execute_batch(&format!(
+                "PRAGMA auto_vacuum = INCREMENTAL;
+                 PRAGMA journal_mode = WAL;
+                 PRAGMA synchronous = NORMAL;
+                 PRAGMA wal_autocheckpoint = {};
+                 PRAGMA journal_size_limit = {wal_bytes};
+                 CREATE TABLE IF NOT EXISTS items (
+                     id INTEGER PRIMARY KEY AUTOINCREMENT,
+                     priority INTEGER NOT NULL,
+                     kind TEXT NOT NULL,
+                     at_ms INTEGER NOT NULL,
+                     bytes INTEGER NOT NULL,
+                     body BLOB NOT NULL
+                 );
+                 CREATE INDEX IF NOT EXISTS items_by_priority ON items (priority, id);
+                 CREATE TABLE IF NOT EXISTS evictions (
+                     kind TEXT PRIMARY KEY,
+                     count INTEGER NOT NULL
+                 );",
+                wal_bytes / 4096
+            ))
+            .map_err(sqlite)?;
+        let content_bytes: i64 = connection
+            .query_row("SELECT COALESCE(SUM(bytes), 0) FROM items", [], |row| {
+                row.get(0)
+            })
+            .map_err(sqlite)?;
+        Ok(Outbox {
+            connection,
+            path: path.to_path_buf(),
+            limits,
+            content_bytes: content_bytes.max(0) as u64,
+        })
+    }
+
+    fn sqlite(&self) -> impl Fn(rusqlite::Error) -> OutboxError + '_ {
+        |cause| OutboxError::Sqlite {
+            path: self.path.clone(),
+            cause,
+        }
+    }
+
+    /// Stores `items` (time, body) in one transaction and returns their ids. Makes room first
+    /// when the quota requires it.
+    pub fn append(&mut self, items: &[(i64, ItemBody)]) -> Result<AppendReport, OutboxError> {
+        let mut encoded = Vec::with_capacity(items.len());
+        for (at_ms, body) in items {
+            let bytes = serde_json::to_vec(body).map_err(|cause| OutboxError::Encode {
+                path: self.path.clone(),
+                cause,
+            })?;
+            encoded.push((*at_ms, body.priority(), body.kind(), bytes));
+        }
+        let incoming: u64 = encoded.iter().map(|(_, _, _, b)| b.len() as u64).sum();
+        let mut report = AppendReport {
+            evicted: self.make_room(incoming)?,
+            ..Default::default()
+        };
+
+        let sqlite = |cause| OutboxError::Sqlite {
+            path: self.path.clone(),
+            cause,
+        };
+        let transaction = self
+            .connection
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sqlite)?;
+        {
+            let mut insert = transaction
+                .prepare_cached(
+                    "INSERT INTO items (priority, kind, at_ms, bytes, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
+                .map_err(sqlite)?;
+            for (at_ms, priority, kind, bytes) in &encoded {
+                insert
+                    .execute(params![
+                        *priority as i64,
+                        kind,
+                        at_ms,
+                        bytes.len() as i64,
+                        bytes
+                    ])
+                    .map_err(sqlite)?;
+                report.ids.push(transaction.last_insert_rowid() as u64);
+            }
+        }
+        transaction.commit().map_err(sqlite)?;
+        self.content_bytes += incoming;
+        // The log grows between automatic checkpoints; near the quota, fold it in now.
+        if self.file_bytes() > self.limits.quota_bytes / 10 * 9 {
+            self.give_back_space()?;
+        }
+        Ok(report)
+    }
+
+    /// Evicts the oldest items of the lowest priority until `incoming` more bytes fit in the
+    /// content budget. Events are never evicted, so a flood of them can pass the budget.
+    fn make_room(&mut self, incoming: u64) -> Result<BTreeMap<String, u64>, OutboxError> {
+        let budget = (self.limits.quota_bytes as f64 * CONTENT_SHARE_OF_QUOTA) as u64;
+        let mut evicted = BTreeMap::new();
+        if self.content_bytes + incoming <= budget {
+            return Ok(evicted);
+        }
+        let mut to_free = self.content_bytes + incoming - budget;
+        let sqlite = |cause| OutboxError::Sqlite {
+            path: self.path.clone(),
+            cause,
+        };
+        let transaction = self
+            .connection
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sqlite)?;
+        let mut freed = 0u64;
+        {
+            let mut oldest = transaction
+                .prepare_cached(
+                    "SELECT id, kind, bytes FROM items WHERE priority < ?1 ORDER BY priority, id LIMIT 512",
+                )
+                .map_err(sqlite)?;
+            let mut delete = transaction
+                .prepare_cached("DELETE FROM items WHERE id = ?1")
+                .map_err(sqlite)?;
+            let mut count = transaction
+                .prepare_cached(
+                    "INSERT INTO evictions (kind, count) VALUES (?1, 1)
+                     ON CONFLICT (kind) DO UPDATE SET count = count + 1",
+                )
+                .map_err(sqlite)?;
+            while to_free > 0 {
+                let victims: Vec<(i64, String, i64)> = oldest
+                    .query_map([Priority::Event as i64], |row| {
+                        Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                    })
+                    .map_err(sqlite)?
+                    .collect::<Result<_, _>>()
+                    .map_err(sqlite)?;
+                if victims.is_empty() {
+                    break; // only events left: they stay
+                }
+                for (id, kind, bytes) in victims {
+                    delete.execute([id]).map_err(sqlite)?;
+                    count.execute([&kind]).map_err(sqlite)?;
+                    *evicted.entry(kind).or_insert(0) += 1;
+                    let bytes = bytes.max(0) as u64;
+                    freed += bytes;
+                    to_free = to_free.saturating_sub(bytes);
+                    if to_free == 0 {
+                        break;
+                    }
+                }
+            }
+        }
+        transaction.commit().map_err(sqlite)?;
+        self.content_bytes = self.content_bytes.saturating_sub(freed);
+        if freed > 0 {
+            self.give_back_space()?;
+        }
+        Ok(evicted)
+    }
+
+    /// Returns freed pages to the file system and folds the log into the database.
+    fn give_back_space(&self) -> Result<(), OutboxError> {
+        self.connection
+            .execute_batch("PRAGMA incremental_vacuum;")
+            .map_err(self.sqlite())?;
+        // TRUNCATE also shrinks the log file; busy readers only make it a partial checkpoint.
+        self.connection
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .map_err(self.sqlite())?;
+        Ok(())
+    }
+
+    /// The oldest items with an id above `after`, at most `max_items` and about `max_bytes` of
+    /// bodies (always at least one item, so one large item cannot block the queue).
+    pub fn next_batch(
+        &self,
+        after: u64,
+        max_items: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Item>, OutboxError> {
+        let mut statement = self
+            .connection
+            .prepare_cached(
+                "SELECT id, at_ms, bytes, body FROM items WHERE id > ?1 ORDER BY id LIMIT ?2",
+            )
+            .map_err(self.sqlite())?;
+        let rows = statement
+            .query_map(params![after as i64, max_items as i64], |row| {
+                Ok((
+                    row.get::<_, i64>(0)?,
+                    row.get::<_, i64>(1)?,
+                    row.get::<_, i64>(2)?,
+                    row.get::<_, Vec<u8>>(3)?,
+                ))
+            })
+            .map_err(self.sqlite())?;
+        let mut items = Vec::new();
+        let mut bytes = 0usize;
+        for row in rows {
+            let (id, at_ms, size, body) = row.map_err(self.sqlite())?;
+            if !items.is_empty() && bytes + size as usize > max_bytes {
+                break;
+            }
+            match serde_json::from_slice::<ItemBody>(&body) {
+                Ok(body) => items.push(Item {
+                    id: id as u64,
+                    at_ms,
+                    body,
+                }),
+                // Written by this code, so only a damaged file gets here: skip the item (it
+                // is deleted with the next ack) rather than block everything behind it.
+                Err(e) => tracing::warn!(id, error = %e, "skipping an unreadable outbox item"),
+            }
+            bytes += size as usize;
+        }
+        Ok(items)
+    }
+
+    /// The server stored every item up to `up_to`: deletes them. Returns how many went.
+    pub fn acknowledge(&mut self, up_to: u64) -> Result<u64, OutboxError> {
+        let up_to = up_to.min(i64::MAX as u64) as i64;
+        let freed: i64 = self
+            .connection
+            .query_row(
+                "SELECT COALESCE(SUM(bytes), 0) FROM items WHERE id <= ?1",
+                [up_to],
+                |row| row.get(0),
+            )
+            .map_err(self.sqlite())?;
+        let deleted = self
+            .connection
+            .execute("DELETE FROM items WHERE id <= ?1", [up_to])
+            .map_err(self.sqlite())?;
+        self.content_bytes = self.content_bytes.saturating_sub(freed.max(0) as u64);
+        Ok(deleted as u64)
+    }
+
+    /// Takes the eviction counters not yet reported, as an item body to append, and resets
+    /// them (in the same transaction as the append, by the caller's ordering: take, then
+    /// append; a crash in between loses at most one report's counts).
+    pub fn take_evictions(&mut self) -> Result<Option<ItemBody>, OutboxError> {
+        let counts = self.unreported_evictions()?;
+        if counts.is_empty() {
+            return Ok(None);
+        }
+        self.connection
+            .execute("DELETE FROM evictions", [])
+            .map_err(self.sqlite())?;
+        Ok(Some(ItemBody::Evictions(Evictions { evicted: counts })))
+    }
+
+    fn unreported_evictions(&self) -> Result<BTreeMap<String, u64>, OutboxError> {
+        let mut statement = self
+            .connection
+            .prepare_cached("SELECT kind, count FROM evictions")
+            .map_err(self.sqlite())?;
+        let rows = statement
+            .query_map([], |row| {
+                Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
+            })
+            .map_err(self.sqlite())?;
+        let mut counts = BTreeMap::new();
+        for row in rows {
+            let (kind, count) = row.map_err(self.sqlite())?;
+            counts.insert(kind, count.max(0) as u64);
+        }
+        Ok(counts)
+    }
+
+    pub fn stats(&self) -> Result<OutboxStats, OutboxError> {
+        let items: i64 = self
+            .connection
+            .query_row("SELECT COUNT(*) FROM items", [], |row| row.get(0))
+            .map_err(self.sqlite())?;
+        Ok(OutboxStats {
+            items: items.max(0) as u64,
+            content_bytes: self.content_bytes,
+            file_bytes: self.file_bytes(),
+            unreported_evictions: self.unreported_evictions()?,
+        })
+    }
+
+    /// The database and its log on disk.
+    pub fn file_bytes(&self) -> u64 {
+        let len = |suffix: &str| {
+            let mut name = self.path.clone().into_os_string();
+            name.push(suffix);
+            std::fs::metadata(PathBuf::from(name))
+                .map(|m| m.len())
+                .unwrap_or(0)
+        };
+        len("") + len("-wal")
+    }
+
+    /// `PRAGMA integrity_check`: `Ok(())` or SQLite's complaints.
+    pub fn integrity_check(&self) -> Result<Result<(), String>, OutboxError> {
+        let verdict: Option<String> = self
+            .connection
+            .query_row("PRAGMA integrity_check", [], |row| row.get(0))
+            .optional()
+            .map_err(self.sqlite())?;
+        Ok(match verdict.as_deref() {
+            Some("ok") => Ok(()),
+            other => Err(other.unwrap_or("no answer").to_string()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleet_protocol::outbox::{Event, EventKind, Sample};
+    use fleet_protocol::ModelName;
+
+    fn event(n: u64) -> ItemBody {
+        ItemBody::Event(Event {
+            event: EventKind::Activated,
+            model: Some(ModelName::new("digits-mlp").unwrap()),
+            release: Some(n),
+            detail: format!("event {n}"),
+        })
+    }
+
+    /// A sample whose stored body is a little over `bytes` (base64 of `bytes * 3 / 4`).
+    fn sample(bytes: usize) -> ItemBody {
+        ItemBody::Sample(Sample {
+            model: ModelName::new("digits-mlp").unwrap(),
+            release: 1,
+            format: "test".into(),
+            data: vec![0x5A; bytes * 3 / 4],
+        })
+    }
+
+    #[test]
+    fn items_survive_reopen_and_go_only_when_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.db");
+        let ids = {
+            let mut outbox = Outbox::open(&path, OutboxLimits::default()).unwrap();
+            let items: Vec<_> = (0..10).map(|n| (n as i64, event(n))).collect();
+            outbox.append(&items).unwrap().ids
+        };
+        assert_eq!(ids, (1..=10).collect::<Vec<u64>>());
+        let mut outbox = Outbox::open(&path, OutboxLimits::default()).unwrap();
+        let batch = outbox.next_batch(0, 4, usize::MAX).unwrap();
+        assert_eq!(batch.iter().map(|i| i.id).collect::<Vec<_>>(), [1, 2, 3, 4]);
+        assert_eq!(batch[2].body, event(2));
+        // Sending is not deleting; the ack is.
+        assert_eq!(outbox.next_batch(0, 4, usize::MAX).unwrap().len(), 4);
+        assert_eq!(outbox.acknowledge(4).unwrap(), 4);
+        let rest = outbox.next_batch(0, 100, usize::MAX).unwrap();
+        assert_eq!(rest.first().map(|i| i.id), Some(5));
+        assert_eq!(rest.len(), 6);
+        // Ids are never reused, even once everything is acknowledged.
+        outbox.acknowledge(10).unwrap();
+        assert_eq!(outbox.append(&[(0, event(11))]).unwrap().ids, [11]);
+        assert_eq!(outbox.integrity_check().unwrap(), Ok(()));
+    }
+
+    #[test]
+    fn batches_respect_the_byte_bound_but_always_carry_one_item() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut outbox = Outbox::open(&dir.path().join("o.db"), OutboxLimits::default()).unwrap();
+        outbox
+            .append(&[(0, sample(10_000)), (0, sample(10_000)), (0, sample(10))])
+            .unwrap();
+        assert_eq!(outbox.next_batch(0, 100, 100).unwrap().len(), 1);
+        assert_eq!(outbox.next_batch(0, 100, 15_000).unwrap().len(), 1);
+        assert_eq!(outbox.next_batch(0, 100, 25_000).unwrap().len(), 3);
+        assert_eq!(outbox.next_batch(0, 2, usize::MAX).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn the_quota_evicts_samples_first_keeps_events_and_counts_what_went() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.db");
+        let quota = 1024 * 1024;
+        let mut outbox = Outbox::open(&path, OutboxLimits { quota_bytes: quota }).unwrap();
+        let mut events = 0;
+        for round in 0..200u64 {
+            // A long offline period at a high sample rate, with an install event now and then.
+            let mut items: Vec<_> = (0..20).map(|_| (0, sample(2_000))).collect();
+            if round % 10 == 0 {
+                items.push((0, event(round)));
+                events += 1;
+            }
+            outbox.append(&items).unwrap();
+            assert!(
+                outbox.file_bytes() <= quota,
+                "round {round}: {} bytes on disk > quota {quota}",
+                outbox.file_bytes()
+            );
+        }
+        let stats = outbox.stats().unwrap();
+        let evicted = stats
+            .unreported_evictions
+            .get("sample")
+            .copied()
+            .unwrap_or(0);
+        assert!(evicted > 1_000, "{stats:?}");
+        let all = outbox.next_batch(0, 100_000, usize::MAX).unwrap();
+        let kept_events = all
+            .iter()
+            .filter(|i| matches!(i.body, ItemBody::Event(_)))
+            .count();
+        assert_eq!(kept_events, events, "install events are never evicted");
+        assert_eq!(all.len() as u64 + evicted, 200 * 20 + events as u64);
+
+        // The counters travel as one item and are then reset.
+        let report = outbox.take_evictions().unwrap().unwrap();
+        let ItemBody::Evictions(counts) = &report else {
+            panic!("{report:?}")
+        };
+        assert_eq!(counts.evicted.get("sample"), Some(&evicted));
+        assert!(outbox.take_evictions().unwrap().is_none());
+        assert_eq!(outbox.integrity_check().unwrap(), Ok(()));
+    }
+}
