@@ -62,6 +62,26 @@ pub struct AppendReport {
     pub evicted: BTreeMap<String, u64>,
 }
 
+/// An item in its stored form: the body as JSON, with what the outbox needs to know about it.
+#[derive(Debug, Clone)]
+pub struct EncodedItem {
+    pub at_ms: i64,
+    pub priority: Priority,
+    pub kind: &'static str,
+    pub body: Vec<u8>,
+}
+
+impl EncodedItem {
+    pub fn new(at_ms: i64, body: &ItemBody) -> Result<EncodedItem, serde_json::Error> {
+        Ok(EncodedItem {
+            at_ms,
+            priority: body.priority(),
+            kind: body.kind(),
+            body: serde_json::to_vec(body)?,
+        })
+    }
+}
+
 /// Counts and sizes, for health reports and tests.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OutboxStats {
@@ -144,15 +164,20 @@ impl Outbox {
     /// Stores `items` (time, body) in one transaction and returns their ids. Makes room first
     /// when the quota requires it.
     pub fn append(&mut self, items: &[(i64, ItemBody)]) -> Result<AppendReport, OutboxError> {
-        let mut encoded = Vec::with_capacity(items.len());
-        for (at_ms, body) in items {
-            let bytes = serde_json::to_vec(body).map_err(|cause| OutboxError::Encode {
+        let encoded = items
+            .iter()
+            .map(|(at_ms, body)| EncodedItem::new(*at_ms, body))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|cause| OutboxError::Encode {
                 path: self.path.clone(),
                 cause,
             })?;
-            encoded.push((*at_ms, body.priority(), body.kind(), bytes));
-        }
-        let incoming: u64 = encoded.iter().map(|(_, _, _, b)| b.len() as u64).sum();
+        self.append_encoded(&encoded)
+    }
+
+    /// [`Outbox::append`] for items already encoded (by the writers, off the outbox thread).
+    pub fn append_encoded(&mut self, items: &[EncodedItem]) -> Result<AppendReport, OutboxError> {
+        let incoming: u64 = items.iter().map(|item| item.body.len() as u64).sum();
         let mut report = AppendReport {
             evicted: self.make_room(incoming)?,
             ..Default::default()
@@ -172,14 +197,14 @@ impl Outbox {
                     "INSERT INTO items (priority, kind, at_ms, bytes, body) VALUES (?1, ?2, ?3, ?4, ?5)",
                 )
                 .map_err(sqlite)?;
-            for (at_ms, priority, kind, bytes) in &encoded {
+            for item in items {
                 insert
                     .execute(params![
-                        *priority as i64,
-                        kind,
-                        at_ms,
-                        bytes.len() as i64,
-                        bytes
+                        item.priority as i64,
+                        item.kind,
+                        item.at_ms,
+                        item.body.len() as i64,
+                        item.body
                     ])
                     .map_err(sqlite)?;
                 report.ids.push(transaction.last_insert_rowid() as u64);
@@ -407,6 +432,201 @@ impl Outbox {
     }
 }
 
+/// Items gathered into one transaction at most.
+const GROUP_COMMIT_MAX: usize = 4096;
+
+/// Room in the queue between the writers and the outbox thread.
+const QUEUE_CAPACITY: usize = 65_536;
+
+enum Command {
+    Append(EncodedItem),
+    NextBatch {
+        after: u64,
+        max_items: usize,
+        max_bytes: usize,
+        reply: tokio::sync::oneshot::Sender<Result<Vec<Item>, String>>,
+    },
+    Acknowledge {
+        up_to: u64,
+        reply: tokio::sync::oneshot::Sender<Result<u64, String>>,
+    },
+    TakeEvictions {
+        reply: tokio::sync::oneshot::Sender<Result<Option<u64>, String>>,
+    },
+    Stats {
+        reply: tokio::sync::oneshot::Sender<Result<OutboxStats, String>>,
+    },
+}
+
+/// Hands items to the outbox thread. Cheap to clone; never waits for the disk.
+#[derive(Clone)]
+pub struct OutboxHandle {
+    commands: tokio::sync::mpsc::Sender<Command>,
+    /// Items refused because the queue was full (the thread could not keep up).
+    pub dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// The outbox thread is gone (it stopped after a storage error, or the agent is stopping).
+#[derive(Debug, thiserror::Error)]
+#[error("the outbox is not running: {0}")]
+pub struct OutboxGone(String);
+
+impl OutboxHandle {
+    /// Encodes an item (on the caller's thread, so encoding spreads over the writers) and
+    /// queues it. Returns false (and counts it) when the queue is full.
+    pub fn push(&self, at_ms: i64, body: &ItemBody) -> bool {
+        let item = match EncodedItem::new(at_ms, body) {
+            Ok(item) => item,
+            Err(e) => {
+                tracing::error!(error = %e, kind = body.kind(), "an outbox item cannot be encoded");
+                self.dropped
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return false;
+            }
+        };
+        match self.commands.try_send(Command::Append(item)) {
+            Ok(()) => true,
+            Err(_) => {
+                self.dropped
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    async fn ask<T>(
+        &self,
+        command: impl FnOnce(tokio::sync::oneshot::Sender<Result<T, String>>) -> Command,
+    ) -> Result<T, OutboxGone> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.commands
+            .send(command(reply))
+            .await
+            .map_err(|_| OutboxGone("its queue is closed".into()))?;
+        answer
+            .await
+            .map_err(|_| OutboxGone("it stopped before answering".into()))?
+            .map_err(OutboxGone)
+    }
+
+    /// The oldest stored items after `after` (everything queued before this call included).
+    pub async fn next_batch(
+        &self,
+        after: u64,
+        max_items: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Item>, OutboxGone> {
+        self.ask(|reply| Command::NextBatch {
+            after,
+            max_items,
+            max_bytes,
+            reply,
+        })
+        .await
+    }
+
+    pub async fn acknowledge(&self, up_to: u64) -> Result<u64, OutboxGone> {
+        self.ask(|reply| Command::Acknowledge { up_to, reply })
+            .await
+    }
+
+    /// Stores the unreported eviction counters as an item; returns its id, if there was any.
+    pub async fn report_evictions(&self) -> Result<Option<u64>, OutboxGone> {
+        self.ask(|reply| Command::TakeEvictions { reply }).await
+    }
+
+    /// Figures of the store, after everything queued before this call is committed.
+    pub async fn stats(&self) -> Result<OutboxStats, OutboxGone> {
+        self.ask(|reply| Command::Stats { reply }).await
+    }
+}
+
+/// Starts the outbox thread: it owns the connection, commits queued items in groups, and
+/// answers the uplink. It stops when every handle is dropped.
+pub fn spawn(outbox: Outbox) -> (OutboxHandle, std::thread::JoinHandle<()>) {
+    let (commands, mut queue) = tokio::sync::mpsc::channel(QUEUE_CAPACITY);
+    let thread = std::thread::Builder::new()
+        .name("outbox".into())
+        .spawn(move || {
+            let mut outbox = outbox;
+            let mut group: Vec<EncodedItem> = Vec::with_capacity(GROUP_COMMIT_MAX);
+            while let Some(first) = queue.blocking_recv() {
+                let mut next = Some(first);
+                // Gather what is queued: appends go into one transaction; any other command
+                // is answered after the appends queued before it are committed.
+                while let Some(command) = next.take() {
+                    match command {
+                        Command::Append(item) => {
+                            group.push(item);
+                            if group.len() < GROUP_COMMIT_MAX {
+                                next = queue.try_recv().ok();
+                            }
+                        }
+                        other => {
+                            outbox.commit_group(&mut group);
+                            outbox.answer(other);
+                            next = queue.try_recv().ok();
+                        }
+                    }
+                }
+                outbox.commit_group(&mut group);
+            }
+        })
+        .expect("the outbox thread starts");
+    let handle = OutboxHandle {
+        commands,
+        dropped: Default::default(),
+    };
+    (handle, thread)
+}
+
+impl Outbox {
+    fn commit_group(&mut self, group: &mut Vec<EncodedItem>) {
+        if group.is_empty() {
+            return;
+        }
+        if let Err(e) = self.append_encoded(group) {
+            // Losing telemetry beats stopping the agent; the error says why (disk full, …).
+            tracing::error!(error = %e, items = group.len(), "outbox items could not be stored");
+        }
+        group.clear();
+    }
+
+    fn answer(&mut self, command: Command) {
+        let text = |e: OutboxError| e.to_string();
+        match command {
+            Command::Append(..) => unreachable!("appends are grouped"),
+            Command::NextBatch {
+                after,
+                max_items,
+                max_bytes,
+                reply,
+            } => {
+                let _ = reply.send(self.next_batch(after, max_items, max_bytes).map_err(text));
+            }
+            Command::Acknowledge { up_to, reply } => {
+                let _ = reply.send(self.acknowledge(up_to).map_err(text));
+            }
+            Command::TakeEvictions { reply } => {
+                let result = self.take_evictions().and_then(|body| match body {
+                    None => Ok(None),
+                    Some(body) => {
+                        let at_ms = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map(|d| d.as_millis() as i64)
+                            .unwrap_or(0);
+                        Ok(self.append(&[(at_ms, body)])?.ids.first().copied())
+                    }
+                });
+                let _ = reply.send(result.map_err(text));
+            }
+            Command::Stats { reply } => {
+                let _ = reply.send(self.stats().map_err(text));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -515,5 +735,26 @@ mod tests {
         assert_eq!(counts.evicted.get("sample"), Some(&evicted));
         assert!(outbox.take_evictions().unwrap().is_none());
         assert_eq!(outbox.integrity_check().unwrap(), Ok(()));
+    }
+
+    #[tokio::test]
+    async fn the_thread_commits_in_groups_and_answers_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(&dir.path().join("o.db"), OutboxLimits::default()).unwrap();
+        let (handle, thread) = spawn(outbox);
+        for n in 0..10_000 {
+            assert!(handle.push(n, &event(n as u64)));
+        }
+        // Queued before the question, so committed before the answer.
+        let stats = handle.stats().await.unwrap();
+        assert_eq!(stats.items, 10_000);
+        let batch = handle.next_batch(0, 100, usize::MAX).await.unwrap();
+        assert_eq!(batch.len(), 100);
+        assert_eq!(batch[0].body, event(0));
+        assert_eq!(handle.acknowledge(100).await.unwrap(), 100);
+        assert_eq!(handle.report_evictions().await.unwrap(), None);
+        assert_eq!(handle.stats().await.unwrap().items, 9_900);
+        drop(handle);
+        thread.join().unwrap();
     }
 }
