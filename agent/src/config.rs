@@ -41,6 +41,16 @@
 //! inferences = 100                     # default: probation ends after 100 inferences…
 //! seconds = 60                         # …or 60 s, whichever comes last
 //! max_error_rate = 0.05                # default: above this share of failed inferences, roll back
+//!
+//! [outbox]
+//! quota_bytes = 67108864               # default 64 MiB: the outbox database and its log on disk
+//! batch_items = 512                    # default 512 items per uplink batch at most
+//! batch_bytes = 262144                 # default 256 KiB of item bodies per batch
+//! in_flight = 4                        # default 4 batches awaiting the server's ack
+//! ack_timeout_ms = 15000               # default 15 s: then resend from the last ack
+//!
+//! [telemetry]
+//! interval_secs = 10                   # default 10 s: inference figures per model version
 //! ```
 
 use std::fmt;
@@ -85,6 +95,71 @@ pub struct AgentConfig {
     pub store: StoreConfig,
     #[serde(default)]
     pub probation: ProbationConfig,
+    #[serde(default)]
+    pub outbox: OutboxConfig,
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxConfig {
+    #[serde(default = "default_quota")]
+    pub quota_bytes: u64,
+    #[serde(default = "default_batch_items")]
+    pub batch_items: usize,
+    #[serde(default = "default_batch_bytes")]
+    pub batch_bytes: usize,
+    #[serde(default = "default_in_flight")]
+    pub in_flight: usize,
+    #[serde(default = "default_ack_timeout")]
+    pub ack_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    #[serde(default = "default_telemetry_interval")]
+    pub interval_secs: u64,
+}
+
+fn default_quota() -> u64 {
+    64 * 1024 * 1024
+}
+fn default_batch_items() -> usize {
+    512
+}
+fn default_batch_bytes() -> usize {
+    256 * 1024
+}
+fn default_in_flight() -> usize {
+    4
+}
+fn default_ack_timeout() -> u64 {
+    15_000
+}
+fn default_telemetry_interval() -> u64 {
+    10
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        OutboxConfig {
+            quota_bytes: default_quota(),
+            batch_items: default_batch_items(),
+            batch_bytes: default_batch_bytes(),
+            in_flight: default_in_flight(),
+            ack_timeout_ms: default_ack_timeout(),
+        }
+    }
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            interval_secs: default_telemetry_interval(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -433,6 +508,41 @@ impl AgentConfig {
                 "must be between 0 and 1".into(),
             ));
         }
+        if self.outbox.quota_bytes < 256 * 1024 {
+            return Err(invalid(
+                "outbox.quota_bytes",
+                "must be at least 262144 (256 KiB)".into(),
+            ));
+        }
+        let max_batch_bytes = fleet_protocol::limits::MAX_BATCH_BYTES / 2;
+        if self.outbox.batch_bytes == 0 || self.outbox.batch_bytes > max_batch_bytes {
+            return Err(invalid(
+                "outbox.batch_bytes",
+                format!("must be between 1 and {max_batch_bytes}"),
+            ));
+        }
+        let max_batch_items = fleet_protocol::limits::MAX_BATCH_ITEMS;
+        if self.outbox.batch_items == 0 || self.outbox.batch_items > max_batch_items {
+            return Err(invalid(
+                "outbox.batch_items",
+                format!("must be between 1 and {max_batch_items}"),
+            ));
+        }
+        if self.outbox.in_flight == 0 {
+            return Err(invalid("outbox.in_flight", "must be at least 1".into()));
+        }
+        if self.outbox.ack_timeout_ms < 100 {
+            return Err(invalid(
+                "outbox.ack_timeout_ms",
+                "must be at least 100".into(),
+            ));
+        }
+        if self.telemetry.interval_secs == 0 {
+            return Err(invalid(
+                "telemetry.interval_secs",
+                "must be at least 1".into(),
+            ));
+        }
         Ok(())
     }
 
@@ -481,6 +591,9 @@ fleet_keys = ["/etc/driftgate/fleet.pub"]
         assert_eq!(c.fetch.chunk_bytes, 256 * 1024);
         assert_eq!(c.fetch.window, 8);
         assert_eq!(c.store.keep_versions, 3);
+        assert_eq!(c.outbox.quota_bytes, 64 * 1024 * 1024);
+        assert_eq!(c.outbox.in_flight, 4);
+        assert_eq!(c.telemetry.interval_secs, 10);
         assert_eq!(c.broker.topic_root, "driftgate");
         // The rendered effective config parses back to the same thing.
         let again = parse(&c.to_toml()).unwrap();
@@ -513,6 +626,18 @@ fleet_keys = ["/etc/driftgate/fleet.pub"]
             .unwrap_err()
             .to_string();
         assert!(err.contains("fetch.window"), "{err}");
+
+        for (section, field) in [
+            ("[outbox]\nquota_bytes = 1000", "outbox.quota_bytes"),
+            ("[outbox]\nbatch_bytes = 900000", "outbox.batch_bytes"),
+            ("[outbox]\nbatch_items = 0", "outbox.batch_items"),
+            ("[telemetry]\ninterval_secs = 0", "telemetry.interval_secs"),
+        ] {
+            let err = parse(&format!("{MINIMAL}\n{section}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(field), "{err}");
+        }
 
         let err = parse(&format!("{MINIMAL}\n[store]\nkeep = 2\n"))
             .unwrap_err()

@@ -22,9 +22,12 @@ use crate::config::AgentConfig;
 use crate::directive::{check_model, model_ref, AcceptedDirective, Controller};
 use crate::link::{self, AGENT_VERSION};
 use crate::metrics::Metrics;
+use crate::outbox::{self, Outbox, OutboxLimits};
 use crate::runtime::Plan;
 use crate::serve::{self, ModelTable, ServeConfig, ServeState, ServingModel};
 use crate::store::ModelStore;
+use crate::telemetry::TelemetryRecorder;
+use crate::uplink::{self, UplinkConfig, UplinkStats};
 
 /// Reads a list of public key files into a key ring.
 pub fn read_key_ring(paths: &[std::path::PathBuf], what: &str) -> Result<KeyRing> {
@@ -114,6 +117,38 @@ pub async fn run(config: AgentConfig) -> Result<()> {
 
     let (handle, inbound, driver) = link::start(&config)?;
     tokio::spawn(driver);
+
+    // The outbox and its uplink: what the agent learns waits on disk until the server has it.
+    let outbox_path = config.data_dir.join("outbox.db");
+    let outbox = Outbox::open(
+        &outbox_path,
+        OutboxLimits {
+            quota_bytes: config.outbox.quota_bytes,
+        },
+    )
+    .with_context(|| format!("outbox {}", outbox_path.display()))?;
+    let (outbox, outbox_thread) = outbox::spawn(outbox);
+    let uplink = tokio::spawn(uplink::run(
+        outbox.clone(),
+        handle.clone(),
+        inbound.ack.clone(),
+        inbound.connected.clone(),
+        UplinkConfig {
+            batch_items: config.outbox.batch_items,
+            batch_bytes: config.outbox.batch_bytes,
+            in_flight: config.outbox.in_flight,
+            ack_timeout: std::time::Duration::from_millis(config.outbox.ack_timeout_ms),
+            ..UplinkConfig::default()
+        },
+        Arc::new(UplinkStats::default()),
+    ));
+    let (telemetry_stop, telemetry_stopped) = tokio::sync::watch::channel(false);
+    let telemetry = tokio::spawn(
+        TelemetryRecorder::new(metrics.clone(), table.clone(), outbox.clone()).run(
+            std::time::Duration::from_secs(config.telemetry.interval_secs),
+            telemetry_stopped,
+        ),
+    );
     tracing::info!(broker = %config.broker_address(), device = %config.device_id, "connecting");
     let controller = Controller::new(
         config.clone(),
@@ -125,7 +160,8 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         handle.clone(),
         accepted,
         serving,
-    );
+    )
+    .with_outbox(outbox.clone());
     let controller = tokio::spawn(controller.run(inbound));
 
     shutdown_signal().await;
@@ -141,10 +177,20 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         agent_version: AGENT_VERSION.to_string(),
     });
     let _ = handle.publish(TopicKind::Status, offline).await;
-    handle.disconnect().await;
+    // The API finishes the requests in flight; then the last interval's telemetry goes into
+    // the outbox (it is sent at the next start).
     let _ = stop_tx.send(true);
-    controller.abort();
     let _ = api.await;
+    let _ = telemetry_stop.send(true);
+    let _ = telemetry.await;
+    handle.disconnect().await;
+    controller.abort();
+    uplink.abort();
+    let _ = controller.await;
+    let _ = uplink.await;
+    // Every handle is gone: the outbox thread commits what is queued and ends.
+    drop(outbox);
+    let _ = tokio::task::spawn_blocking(move || outbox_thread.join()).await;
     Ok(())
 }
 

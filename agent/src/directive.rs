@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fleet_protocol::manifest::parse_semver;
+use fleet_protocol::outbox::{Event, EventKind, ItemBody};
 use fleet_protocol::state::{ModelRef, Refusal};
 use fleet_protocol::trust::{check_release_order, verify_directive, verify_manifest};
 use fleet_protocol::{
@@ -34,6 +35,7 @@ use crate::fetch;
 use crate::fsutil::atomic_write;
 use crate::link::{Inbound, LinkHandle, AGENT_VERSION};
 use crate::metrics::Metrics;
+use crate::outbox::OutboxHandle;
 use crate::runtime::Plan;
 use crate::serve::{ModelTable, ServingModel};
 use crate::store::{ModelStore, StoredModel};
@@ -137,6 +139,9 @@ pub struct Controller {
     models: BTreeMap<ModelName, ModelState>,
     refused: Option<Refusal>,
     probation: BTreeMap<ModelName, Probation>,
+    /// Where events (accepted, refused, activated, failed, rolled back, retired) are recorded
+    /// for the server, when the agent runs with an outbox.
+    outbox: Option<OutboxHandle>,
     /// Set when an install stopped for a passing reason (the link): the directive stays
     /// unsettled and is taken up again.
     retry_wanted: bool,
@@ -186,6 +191,33 @@ impl Controller {
             refused: None,
             probation: BTreeMap::new(),
             retry_wanted: false,
+            outbox: None,
+        }
+    }
+
+    /// Records events in `outbox` from now on.
+    pub fn with_outbox(mut self, outbox: OutboxHandle) -> Self {
+        self.outbox = Some(outbox);
+        self
+    }
+
+    fn record_event(
+        &self,
+        event: EventKind,
+        model: Option<&ModelName>,
+        release: Option<u64>,
+        detail: String,
+    ) {
+        if let Some(outbox) = &self.outbox {
+            let body = ItemBody::Event(Event {
+                model: model.cloned(),
+                release,
+                event,
+                detail,
+            });
+            if !outbox.push(now_ms(), &body) {
+                tracing::warn!(?event, "the outbox is full; an event was not recorded");
+            }
         }
     }
 
@@ -289,6 +321,12 @@ impl Controller {
         self.accepted = accepted;
         self.refused = None;
         self.metrics.record_install("directive_accepted");
+        self.record_event(
+            EventKind::DirectiveAccepted,
+            None,
+            None,
+            format!("directive {}", directive.seq),
+        );
         tracing::info!(
             seq = directive.seq,
             models = directive.models.len(),
@@ -378,6 +416,12 @@ impl Controller {
     async fn refuse(&mut self, seq: Option<u64>, error: &TrustError) {
         tracing::warn!(code = error.label(), error = %error, "directive refused");
         self.metrics.record_install("directive_refused");
+        self.record_event(
+            EventKind::DirectiveRefused,
+            None,
+            None,
+            format!("{}: {error}", error.label()),
+        );
         self.refused = Some(Refusal {
             seq,
             code: error.label().to_string(),
@@ -401,6 +445,17 @@ impl Controller {
     async fn fail(&mut self, name: &ModelName, reason: String) {
         tracing::warn!(model = %name, %reason, "install failed; the previous version keeps serving");
         self.metrics.record_install("failed");
+        let release = self
+            .models
+            .get(name)
+            .and_then(|m| m.target.as_ref())
+            .map(|t| t.release);
+        self.record_event(
+            EventKind::InstallFailed,
+            Some(name),
+            release,
+            reason.clone(),
+        );
         self.set_phase(name, InstallPhase::Failed { reason }).await;
     }
 
@@ -553,6 +608,12 @@ impl Controller {
             tracing::warn!(model = %name, error = %e, "cannot prune old versions");
         }
         self.metrics.record_install("installed");
+        self.record_event(
+            EventKind::Activated,
+            Some(&name),
+            Some(manifest.release),
+            format!("{} active", manifest.version),
+        );
         tracing::info!(model = %name, version = %manifest.version, release = manifest.release, "active");
         let state = self.state_of(&name);
         state.active = Some(target);
@@ -583,6 +644,12 @@ impl Controller {
             .collect();
         for name in retired {
             tracing::info!(model = %name, "retired: the directive no longer names it");
+            self.record_event(
+                EventKind::Retired,
+                Some(&name),
+                None,
+                "the directive no longer names it".into(),
+            );
             self.table.remove(&name);
             self.probation.remove(&name);
             if let Err(e) = self.store.retire(&name) {
@@ -664,6 +731,12 @@ impl Controller {
                     plan,
                 )));
                 self.metrics.record_install("rolled_back");
+                self.record_event(
+                    EventKind::RolledBack,
+                    Some(name),
+                    Some(manifest.release),
+                    format!("back to {}: {reason}", manifest.version),
+                );
                 let state = self.state_of(name);
                 state.previous = state.active.take();
                 state.active = Some(model_ref(&manifest));

@@ -14,4 +14,5 @@ pub mod outbox; // everything for the server, in SQLite until acknowledged, unde
 pub mod runtime; // ONNX models loaded, optimised and run with tract; self-tests
 pub mod serve; // the local inference API (Open Inference Protocol / KServe v2 over HTTP) and /metrics
 pub mod store; // model versions on disk: install, atomic activation, keep the last N, start-up recovery
+pub mod telemetry; // inference figures per model version per interval, into the outbox
 pub mod uplink; // the outbox to the server in acknowledged batches, resent after a reconnect

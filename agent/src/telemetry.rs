@@ -1,0 +1,102 @@
+//! Telemetry: every interval, the inference figures of each model version (count, errors by
+//! kind, latency histogram) go into the outbox as one item per version.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use fleet_protocol::outbox::{ItemBody, Telemetry};
+use fleet_protocol::{ModelName, ModelVersion};
+
+use crate::metrics::Metrics;
+use crate::outbox::OutboxHandle;
+use crate::serve::ModelTable;
+
+/// Turns interval counters into telemetry items. Remembers the release counter of every
+/// version it has seen served, so a version swapped out during the interval is still reported
+/// with its release.
+pub struct TelemetryRecorder {
+    metrics: Arc<Metrics>,
+    table: Arc<ModelTable>,
+    outbox: OutboxHandle,
+    releases: HashMap<(ModelName, ModelVersion), u64>,
+    last: Instant,
+}
+
+impl TelemetryRecorder {
+    pub fn new(metrics: Arc<Metrics>, table: Arc<ModelTable>, outbox: OutboxHandle) -> Self {
+        TelemetryRecorder {
+            metrics,
+            table,
+            outbox,
+            releases: HashMap::new(),
+            last: Instant::now(),
+        }
+    }
+
+    /// Notes the release of every version served now. Between two ticks a version can serve
+    /// and be swapped out unseen; it is then reported with release 0, which the server reads
+    /// as unknown (versions are still named).
+    fn learn_releases(&mut self) {
+        for model in self.table.list() {
+            self.releases
+                .insert((model.name.clone(), model.version.clone()), model.release);
+        }
+    }
+
+    /// Queues one item per model version that served requests since the last call; returns
+    /// how many.
+    pub fn flush(&mut self) -> usize {
+        self.learn_releases();
+        let interval_ms = self.last.elapsed().as_millis() as u64;
+        self.last = Instant::now();
+        let at_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let mut queued = 0;
+        for ((model, version), counters) in self.metrics.take_interval() {
+            let release = self
+                .releases
+                .get(&(model.clone(), version.clone()))
+                .copied()
+                .unwrap_or(0);
+            let body = ItemBody::Telemetry(Telemetry {
+                model,
+                release,
+                version,
+                interval_ms,
+                inferences: counters.count,
+                errors: counters
+                    .errors
+                    .iter()
+                    .map(|(kind, n)| (kind.to_string(), *n))
+                    .collect(),
+                latency: counters.latency,
+            });
+            if self.outbox.push(at_ms, &body) {
+                queued += 1;
+            }
+        }
+        queued
+    }
+
+    /// Flushes every `interval`, and once more when `stop` turns true (so a clean shutdown
+    /// loses no counts).
+    pub async fn run(mut self, interval: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await; // the first tick is immediate
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    self.flush();
+                }
+                _ = stop.wait_for(|stop| *stop) => {
+                    self.flush();
+                    return;
+                }
+            }
+        }
+    }
+}

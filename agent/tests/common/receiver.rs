@@ -1,0 +1,85 @@
+//! The server's side of the uplink for tests: stores items by id and acks them.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fleet_protocol::outbox::{Ack, Batch, Item};
+use fleet_protocol::{decode, encode, DeviceId, TopicKind, Topics, V1};
+use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS};
+
+/// The server's side of the uplink: stores items by id (a resent item replaces itself) and
+/// acks the highest id below which it holds everything. Can be told to send junk first.
+pub struct Receiver {
+    pub items: Arc<Mutex<BTreeMap<u64, Item>>>,
+    pub deliveries: Arc<Mutex<u64>>,
+}
+
+impl Receiver {
+    pub async fn start(port: u16, device: &str, junk_acks: Vec<Vec<u8>>) -> Receiver {
+        let mut options = MqttOptions::new(format!("test-receiver-{device}"), "127.0.0.1", port);
+        options.set_max_packet_size(8 << 20, 8 << 20);
+        let (client, mut eventloop) = AsyncClient::new(options, 64);
+        let topics = Topics::default();
+        let device = DeviceId::new(device).unwrap();
+        client
+            .subscribe(topics.topic(&device, TopicKind::Up), QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        let items = Arc::new(Mutex::new(BTreeMap::new()));
+        let deliveries = Arc::new(Mutex::new(0));
+        let (store, count) = (items.clone(), deliveries.clone());
+        // The event loop runs in a task of its own, so the acks go out while the processing
+        // task waits.
+        let (batches_tx, mut batches) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                        let _ = batches_tx.send(p.payload);
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        tokio::spawn(async move {
+            let ack_topic = topics.topic(&device, TopicKind::Ack);
+            let mut junk = junk_acks.into_iter();
+            while let Some(payload) = batches.recv().await {
+                let Ok(batch) = decode::<Batch>(&payload) else {
+                    continue;
+                };
+                let up_to = {
+                    let mut store = store.lock().unwrap();
+                    *count.lock().unwrap() += batch.items.len() as u64;
+                    for item in batch.items {
+                        store.insert(item.id, item);
+                    }
+                    // Everything below the first gap.
+                    let mut up_to = 0;
+                    for id in store.keys() {
+                        if *id != up_to + 1 {
+                            break;
+                        }
+                        up_to = *id;
+                    }
+                    up_to
+                };
+                if let Some(junk) = junk.next() {
+                    let _ = client
+                        .publish(&ack_topic, QoS::AtLeastOnce, false, junk)
+                        .await;
+                    // Acks reach the uplink through a latest-wins channel: give the junk its
+                    // turn before the real ack replaces it.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                let ack = encode(&Ack { v: V1, up_to });
+                let _ = client
+                    .publish(&ack_topic, QoS::AtLeastOnce, false, ack)
+                    .await;
+            }
+        });
+        Receiver { items, deliveries }
+    }
+}
