@@ -35,11 +35,7 @@ use edge_agent::link;
 use edge_agent::metrics::Metrics;
 use edge_agent::runtime::Plan;
 use edge_agent::serve::{self, ModelTable, ServeConfig, ServeState, ServingModel};
-use fleet_protocol::tensor::Dim;
-use fleet_protocol::{
-    ElementType, Manifest, ModelName, ModelVersion, SelfTest, Sha256Digest, Tensor, TensorData,
-    TensorSpec, Tolerance, V1,
-};
+use fleet_protocol::{SelfTest, Tensor, TensorData};
 
 /// The sample models, small to large.
 const MODELS: [(&str, &str); 5] = [
@@ -477,46 +473,6 @@ fn bench_models(runtime: &tokio::runtime::Runtime, options: &Options, verdicts: 
     }
 }
 
-/// A manifest for an opaque artifact: the downloader only reads its size and digest.
-fn blob_manifest(artifact: &[u8]) -> Manifest {
-    let spec = TensorSpec {
-        name: "x".into(),
-        datatype: ElementType::F32,
-        shape: vec![Dim::Fixed(1)],
-    };
-    let x = Tensor::new("x", vec![1], TensorData::F32(vec![0.0])).unwrap();
-    Manifest {
-        v: V1,
-        name: ModelName::new("blob").unwrap(),
-        release: 1,
-        version: ModelVersion::new("v1").unwrap(),
-        sha256: Sha256Digest::of(artifact),
-        size: artifact.len() as u64,
-        inputs: vec![spec.clone()],
-        outputs: vec![spec],
-        self_test: SelfTest {
-            inputs: vec![x.clone()],
-            outputs: vec![x],
-            tolerance: Tolerance::default(),
-        },
-        profile_sha256: None,
-        min_agent_version: None,
-        created_at_ms: 0,
-    }
-}
-
-fn random_bytes(len: usize) -> Vec<u8> {
-    let mut state = 0x2545_F491_4F6C_DD1Du64;
-    (0..len / 8)
-        .flat_map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state.to_le_bytes()
-        })
-        .collect()
-}
-
 /// MB/s of one download of `artifact` through the broker on `port` with the agent's own link
 /// and downloader.
 async fn delivery_rate(
@@ -539,7 +495,7 @@ async fn delivery_rate(
     inbound.connected.wait_for(|c| *c).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let staging = dir.path().join("blob.part");
-    let manifest = blob_manifest(artifact);
+    let manifest = common::blob_manifest(artifact);
     let started = Instant::now();
     let report = download(
         &manifest,
@@ -559,7 +515,7 @@ async fn delivery_rate(
 
 fn bench_delivery(runtime: &tokio::runtime::Runtime, options: &Options, verdicts: &mut Verdicts) {
     let size = if options.quick { 16 << 20 } else { 64 << 20 };
-    let artifact = Arc::new(random_bytes(size));
+    let artifact = common::pseudo_random_bytes(size);
     println!(
         "\n== model delivery: {} MiB through a broker on loopback ==",
         size >> 20
@@ -694,17 +650,7 @@ fn bench_idle_rss(runtime: &tokio::runtime::Runtime, verdicts: &mut Verdicts) {
         let mut control = common::Control::start(port, device).await;
         let agent = common::agent::Agent::start(dir.path());
         control.wait_for("the agent's first state", |_| true).await;
-        control
-            .publish_directive(
-                device,
-                common::directive(device, 1, vec![(common::sign_manifest(&manifest), false)]),
-            )
-            .await;
-        control
-            .wait_for("cancer-logreg active", |s| {
-                common::agent::active_version(s, "cancer-logreg").as_deref() == Some("v1")
-            })
-            .await;
+        control.install(device, 1, &manifest, false).await;
         agent
     });
     common::agent::infer_matches_self_test(api_port, &manifest);
@@ -730,12 +676,8 @@ fn bench_idle_rss(runtime: &tokio::runtime::Runtime, verdicts: &mut Verdicts) {
 }
 
 fn main() {
-    // As the agent does (see its main.rs): tract errors in normal control flow must not pay
-    // for backtraces because RUST_BACKTRACE happens to be set.
-    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
-        // First thing in main, before any other thread exists to read the environment.
-        std::env::set_var("RUST_LIB_BACKTRACE", "0");
-    }
+    // As the agent does: tract errors in normal control flow must not pay for backtraces.
+    edge_agent::quiet_library_backtraces();
     let args: Vec<String> = std::env::args().collect();
     let options = Options {
         quick: args.iter().any(|a| a == "--quick"),

@@ -16,3 +16,13 @@ pub mod serve; // the local inference API (Open Inference Protocol / KServe v2 o
 pub mod store; // model versions on disk: install, atomic activation, keep the last N, start-up recovery
 pub mod telemetry; // inference figures per model version per interval, into the outbox
 pub mod uplink; // the outbox to the server in acknowledged batches, resent after a reconnect
+
+/// With `RUST_BACKTRACE=1` in the environment, every `anyhow::Error` captures a backtrace, and
+/// tract builds such errors in normal control flow for some operators (a tree ensemble runs
+/// 1.7× slower). Panics keep their backtraces; library errors get them only when asked for
+/// with `RUST_LIB_BACKTRACE=1`. Call first thing in `main`, before any other thread exists.
+pub fn quiet_library_backtraces() {
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
+}

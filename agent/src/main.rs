@@ -6,17 +6,6 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use edge_agent::config::AgentConfig;
 
-/// With `RUST_BACKTRACE=1` in the environment, every `anyhow::Error` captures a backtrace, and
-/// tract builds such errors in normal control flow for some operators (a tree ensemble runs
-/// 1.7× slower). Panics keep their backtraces; library errors need them only when asked for
-/// with `RUST_LIB_BACKTRACE=1`.
-fn quiet_library_backtraces() {
-    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
-        // First thing in `main`, before any other thread exists to read the environment.
-        std::env::set_var("RUST_LIB_BACKTRACE", "0");
-    }
-}
-
 #[derive(Parser)]
 #[command(name = "edge-agent", version, about = "Driftgate's device daemon")]
 struct Cli {
@@ -39,7 +28,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    quiet_library_backtraces();
+    edge_agent::quiet_library_backtraces();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

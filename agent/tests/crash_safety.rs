@@ -168,43 +168,13 @@ async fn sigkill_around_activation_never_leaves_a_partial_version() {
 
         let mut agent = Agent::start(dir.path());
         control.wait_for("the agent's first state", |_| true).await;
-        control
-            .publish_directive(
-                device,
-                directive(device, 1, vec![(sign_manifest(&v1), false)]),
-            )
-            .await;
-        control
-            .wait_for("v1 active", |s| {
-                active_version(s, "digits-mlp").as_deref() == Some("v1")
-            })
-            .await;
-        control
-            .publish_directive(
-                device,
-                directive(device, 2, vec![(sign_manifest(&v2), false)]),
-            )
-            .await;
-        control
-            .wait_for("v2 active", |s| {
-                active_version(s, "digits-mlp").as_deref() == Some("v2")
-            })
-            .await;
+        control.install(device, 1, &v1, false).await;
+        control.install(device, 2, &v2, false).await;
         // How long a switch between two stored versions takes, from the directive to the new
         // version reported active. The pointer flips early in that span (the rest is pruning,
         // re-listing and reporting), so the kills are spread over its first half.
         let started = Instant::now();
-        control
-            .publish_directive(
-                device,
-                directive(device, 3, vec![(sign_manifest(&v1), true)]),
-            )
-            .await;
-        control
-            .wait_for("v1 active again", |s| {
-                active_version(s, "digits-mlp").as_deref() == Some("v1")
-            })
-            .await;
+        control.install(device, 3, &v1, true).await;
         let switch = started.elapsed();
         eprintln!("one switch takes {switch:?}");
 
@@ -304,17 +274,7 @@ async fn switching_versions_under_load_fails_no_request() {
         let mut control = Control::start(broker.port, device).await;
         let _agent = Agent::start(dir.path());
         control.wait_for("the agent's first state", |_| true).await;
-        control
-            .publish_directive(
-                device,
-                directive(device, 1, vec![(sign_manifest(&v1), false)]),
-            )
-            .await;
-        control
-            .wait_for("v1 active", |s| {
-                active_version(s, "digits-mlp").as_deref() == Some("v1")
-            })
-            .await;
+        control.install(device, 1, &v1, false).await;
 
         // Two clients send requests back to back for the whole test.
         let stop = Arc::new(AtomicBool::new(false));
@@ -415,19 +375,8 @@ async fn a_version_that_breaks_its_clients_is_rolled_back_on_probation() {
         let mut control = Control::start(broker.port, device).await;
         let agent = Agent::start(dir.path());
         control.wait_for("the agent's first state", |_| true).await;
-        for (seq, manifest) in [(1, &v2), (2, &v4)] {
-            control
-                .publish_directive(
-                    device,
-                    directive(device, seq, vec![(sign_manifest(manifest), false)]),
-                )
-                .await;
-            control
-                .wait_for("the version active", |s| {
-                    active_version(s, "digits-mlp").as_deref() == Some(manifest.version.as_str())
-                })
-                .await;
-        }
+        control.install(device, 1, &v2, false).await;
+        control.install(device, 2, &v4, false).await;
         infer_matches_self_test(api_port, &v4);
 
         // v2's clients keep sending v2's requests.

@@ -5,13 +5,10 @@ mod common;
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
 use edge_agent::config::AgentConfig;
 use edge_agent::fetch::{download, FetchError};
 use edge_agent::link;
-use fleet_protocol::tensor::Dim;
-use fleet_protocol::*;
 
 fn config(port: u16, dir: &Path, device: &str) -> AgentConfig {
     let text = format!(
@@ -32,48 +29,6 @@ request_timeout_ms = 300
 "#
     );
     AgentConfig::parse(&text, &dir.join("agent.toml"), dir).unwrap()
-}
-
-/// A manifest for an opaque artifact: the downloader only reads its size and digest.
-fn manifest_for(artifact: &[u8]) -> Manifest {
-    let spec = TensorSpec {
-        name: "x".into(),
-        datatype: ElementType::F32,
-        shape: vec![Dim::Fixed(1)],
-    };
-    let x = Tensor::new("x", vec![1], TensorData::F32(vec![0.0])).unwrap();
-    Manifest {
-        v: V1,
-        name: ModelName::new("blob").unwrap(),
-        release: 1,
-        version: ModelVersion::new("v1").unwrap(),
-        sha256: Sha256Digest::of(artifact),
-        size: artifact.len() as u64,
-        inputs: vec![spec.clone()],
-        outputs: vec![spec],
-        self_test: SelfTest {
-            inputs: vec![x.clone()],
-            outputs: vec![x],
-            tolerance: Tolerance::default(),
-        },
-        profile_sha256: None,
-        min_agent_version: None,
-        created_at_ms: 0,
-    }
-}
-
-fn artifact(len: usize) -> Arc<Vec<u8>> {
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
-    Arc::new(
-        (0..len)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state as u8
-            })
-            .collect(),
-    )
 }
 
 async fn connect(config: &AgentConfig) -> (link::LinkHandle, link::Inbound) {
@@ -98,12 +53,12 @@ async fn a_multi_megabyte_artifact_arrives_whole_and_resumes_from_a_partial_file
     {
         eprintln!("broker: {}", broker.name);
         let port = broker.port;
-        let blob = artifact(3 * 1024 * 1024 + 123);
+        let blob = common::pseudo_random_bytes(3 * 1024 * 1024 + 123);
         let served = common::start_responder(port, blob.clone(), common::Faults::default()).await;
         let dir = tempfile::tempdir().unwrap();
         let config = config(port, dir.path(), "dev-fetch");
         let (handle, mut inbound) = connect(&config).await;
-        let manifest = manifest_for(&blob);
+        let manifest = common::blob_manifest(&blob);
 
         // A previous run got 1 MiB before it was killed.
         let staging = dir.path().join("staging/blob.part");
@@ -144,7 +99,7 @@ async fn a_multi_megabyte_artifact_arrives_whole_and_resumes_from_a_partial_file
 async fn lost_requests_are_retried() {
     for broker in common::brokers("lost_requests_are_retried") {
         let port = broker.port;
-        let blob = artifact(700 * 1024);
+        let blob = common::pseudo_random_bytes(700 * 1024);
         let faults = common::Faults {
             drop_every: 3,
             ..Default::default()
@@ -155,7 +110,7 @@ async fn lost_requests_are_retried() {
         let (handle, mut inbound) = connect(&config).await;
         let staging = dir.path().join("blob.part");
         let report = download(
-            &manifest_for(&blob),
+            &common::blob_manifest(&blob),
             &staging,
             &config.fetch,
             &handle,
@@ -174,7 +129,7 @@ async fn endless_data_is_refused_as_soon_as_it_passes_the_manifest_size() {
     for broker in common::brokers("endless_data_is_refused_as_soon_as_it_passes_the_manifest_size")
     {
         let port = broker.port;
-        let blob = artifact(200 * 1024 + 7);
+        let blob = common::pseudo_random_bytes(200 * 1024 + 7);
         let faults = common::Faults {
             overlong_by: 4096,
             ..Default::default()
@@ -185,7 +140,7 @@ async fn endless_data_is_refused_as_soon_as_it_passes_the_manifest_size() {
         let (handle, mut inbound) = connect(&config).await;
         let staging = dir.path().join("blob.part");
         let err = download(
-            &manifest_for(&blob),
+            &common::blob_manifest(&blob),
             &staging,
             &config.fetch,
             &handle,
@@ -203,7 +158,7 @@ async fn endless_data_is_refused_as_soon_as_it_passes_the_manifest_size() {
 async fn a_wrong_digest_is_refused_and_an_unknown_artifact_is_named() {
     for broker in common::brokers("a_wrong_digest_is_refused_and_an_unknown_artifact_is_named") {
         let port = broker.port;
-        let blob = artifact(100 * 1024);
+        let blob = common::pseudo_random_bytes(100 * 1024);
         common::start_responder(port, blob.clone(), common::Faults::default()).await;
         let dir = tempfile::tempdir().unwrap();
         let config = config(port, dir.path(), "dev-digest");
@@ -213,7 +168,7 @@ async fn a_wrong_digest_is_refused_and_an_unknown_artifact_is_named() {
         let mut other = blob.to_vec();
         other[5] ^= 1;
         let err = download(
-            &manifest_for(&other),
+            &common::blob_manifest(&other),
             &dir.path().join("a.part"),
             &config.fetch,
             &handle,
@@ -230,7 +185,7 @@ async fn a_wrong_digest_is_refused_and_an_unknown_artifact_is_named() {
         corrupt[10] ^= 1;
         std::fs::write(&staging, &corrupt).unwrap();
         let err = download(
-            &manifest_for(&blob),
+            &common::blob_manifest(&blob),
             &staging,
             &config.fetch,
             &handle,

@@ -6,9 +6,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::agent::{active_version, infer_matches_self_test, write_config, Agent};
+use common::agent::{infer_matches_self_test, write_config, Agent};
 use common::receiver::Receiver;
-use common::{directive, sample_manifest, sign_manifest, Control, Faults, Responder};
+use common::{sample_manifest, Control, Faults, Responder};
 use fleet_protocol::outbox::{EventKind, ItemBody};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -32,17 +32,7 @@ async fn telemetry_and_events_reach_the_server_and_the_counts_match() {
         let mut control = Control::start(broker.port, device).await;
         let _agent = Agent::start(dir.path());
         control.wait_for("the agent's first state", |_| true).await;
-        control
-            .publish_directive(
-                device,
-                directive(device, 1, vec![(sign_manifest(&manifest), false)]),
-            )
-            .await;
-        control
-            .wait_for("cancer-logreg active", |s| {
-                active_version(s, "cancer-logreg").as_deref() == Some("v1")
-            })
-            .await;
+        control.install(device, 1, &manifest, false).await;
 
         let served = 300u64;
         for _ in 0..served {

@@ -7,9 +7,9 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::agent::{active_version, infer_matches_self_test, Agent};
+use common::agent::{infer_matches_self_test, Agent};
 use common::tls::{start_mosquitto_tls, TestPki};
-use common::{directive, sample_manifest, sign_manifest, Control, Faults, Responder};
+use common::{sample_manifest, Control, Faults, Responder};
 
 /// An agent config for `mqtts://127.0.0.1:{port}` in `dir`, with the named PEM files.
 fn write_tls_config(dir: &Path, device: &str, port: u16, api_port: u16, files: [&Path; 3]) {
@@ -80,17 +80,7 @@ async fn installs_over_mutual_tls_and_refuses_foreign_certificates() {
     control
         .wait_for("the agent's first state over TLS", |_| true)
         .await;
-    control
-        .publish_directive(
-            device,
-            directive(device, 1, vec![(sign_manifest(&manifest), false)]),
-        )
-        .await;
-    control
-        .wait_for("cancer-logreg active", |s| {
-            active_version(s, "cancer-logreg").as_deref() == Some("v1")
-        })
-        .await;
+    control.install(device, 1, &manifest, false).await;
     infer_matches_self_test(api_port, &manifest);
 
     // A device certificate from another CA: the broker refuses the handshake.

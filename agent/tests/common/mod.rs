@@ -283,6 +283,52 @@ pub async fn start_responder(port: u16, artifact: Arc<Vec<u8>>, faults: Faults) 
     responder.served
 }
 
+/// A manifest for an opaque artifact: the downloader only reads its size and digest.
+pub fn blob_manifest(artifact: &[u8]) -> Manifest {
+    use fleet_protocol::tensor::Dim;
+    use fleet_protocol::{ElementType, Tensor, TensorData, TensorSpec, Tolerance};
+    let spec = TensorSpec {
+        name: "x".into(),
+        datatype: ElementType::F32,
+        shape: vec![Dim::Fixed(1)],
+    };
+    let x = Tensor::new("x", vec![1], TensorData::F32(vec![0.0])).unwrap();
+    Manifest {
+        v: V1,
+        name: ModelName::new("blob").unwrap(),
+        release: 1,
+        version: ModelVersion::new("v1").unwrap(),
+        sha256: Sha256Digest::of(artifact),
+        size: artifact.len() as u64,
+        inputs: vec![spec.clone()],
+        outputs: vec![spec],
+        self_test: SelfTest {
+            inputs: vec![x.clone()],
+            outputs: vec![x],
+            tolerance: Tolerance::default(),
+        },
+        profile_sha256: None,
+        min_agent_version: None,
+        created_at_ms: 0,
+    }
+}
+
+/// `len` bytes from a fixed xorshift stream: an artifact that compresses like a real one
+/// would not, and is the same in every run.
+pub fn pseudo_random_bytes(len: usize) -> Arc<Vec<u8>> {
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    Arc::new(
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect(),
+    )
+}
+
 /// The test fleet's keys: fixed seeds, so failures reproduce.
 pub fn release_key() -> SigningKey {
     SigningKey::from_bytes(&[2; 32])
@@ -406,6 +452,32 @@ impl Control {
             .publish(topic, QoS::AtLeastOnce, true, payload)
             .await
             .unwrap();
+    }
+
+    /// Publishes a directive naming only `manifest` (a signed rollback when `rollback`) and
+    /// waits until the device reports that version active.
+    pub async fn install(
+        &mut self,
+        device: &str,
+        seq: u64,
+        manifest: &Manifest,
+        rollback: bool,
+    ) -> State {
+        self.publish_directive(
+            device,
+            directive(device, seq, vec![(sign_manifest(manifest), rollback)]),
+        )
+        .await;
+        let (name, version) = (manifest.name.as_str(), manifest.version.as_str());
+        self.wait_for(&format!("{name} {version} active"), |s| {
+            s.models.iter().any(|m| {
+                m.name.as_str() == name
+                    && m.active
+                        .as_ref()
+                        .is_some_and(|a| a.version.as_str() == version)
+            })
+        })
+        .await
     }
 
     /// Waits until the reported state satisfies `check`, or panics with the last state seen.
