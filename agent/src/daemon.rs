@@ -20,6 +20,7 @@ use fleet_protocol::{encode, KeyRing, TopicKind, V1};
 
 use crate::config::AgentConfig;
 use crate::directive::{check_model, model_ref, AcceptedDirective, Controller};
+use crate::health::HealthProbe;
 use crate::link::{self, AGENT_VERSION};
 use crate::metrics::Metrics;
 use crate::outbox::{self, Outbox, OutboxLimits};
@@ -116,6 +117,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     }));
 
     let (handle, inbound, driver) = link::start(&config)?;
+    metrics.attach_link(handle.stats.clone());
     tokio::spawn(driver);
 
     // The outbox and its uplink: what the agent learns waits on disk until the server has it.
@@ -144,10 +146,12 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     ));
     let (telemetry_stop, telemetry_stopped) = tokio::sync::watch::channel(false);
     let telemetry = tokio::spawn(
-        TelemetryRecorder::new(metrics.clone(), table.clone(), outbox.clone()).run(
-            std::time::Duration::from_secs(config.telemetry.interval_secs),
-            telemetry_stopped,
-        ),
+        TelemetryRecorder::new(metrics.clone(), table.clone(), outbox.clone())
+            .with_health(HealthProbe::new(&config.data_dir), handle.stats.clone())
+            .run(
+                std::time::Duration::from_secs(config.telemetry.interval_secs),
+                telemetry_stopped,
+            ),
     );
     tracing::info!(broker = %config.broker_address(), device = %config.device_id, "connecting");
     let controller = Controller::new(

@@ -416,6 +416,7 @@ impl Controller {
     async fn refuse(&mut self, seq: Option<u64>, error: &TrustError) {
         tracing::warn!(code = error.label(), error = %error, "directive refused");
         self.metrics.record_install("directive_refused");
+        self.link.stats.record_dropped("directive", error.label());
         self.record_event(
             EventKind::DirectiveRefused,
             None,

@@ -8,6 +8,7 @@ pub mod daemon; // wires the pipeline together and runs it until SIGTERM
 pub mod directive; // directive verification and the per-model install state machine, probation
 pub mod fetch; // chunked, windowed, resumable artifact download bounded by the manifest
 pub mod fsutil; // file helpers: crash-safe writes, streamed file digests
+pub mod health; // device and agent health (sysinfo): CPU, memory, disk, temperatures, RSS, link counters
 pub mod link; // the MQTT session: TLS, last will, jittered reconnect, resubscribe, topic routing
 pub mod metrics; // counters and latency histograms, rendered as Prometheus text
 pub mod outbox; // everything for the server, in SQLite until acknowledged, under a byte quota

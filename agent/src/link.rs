@@ -16,15 +16,17 @@
 //! - chunk replies go into a bounded queue; when it is full a chunk is dropped and counted, and
 //!   the downloader asks for it again after its timeout.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use fleet_protocol::outbox::Ack;
 use fleet_protocol::state::{Presence, Status};
-use fleet_protocol::{encode, DeviceId, TopicKind, Topics, V1};
+use fleet_protocol::{decode, decode_chunk, encode, DeviceId, TopicKind, Topics, V1};
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Packet, Publish, QoS,
-    TlsConfiguration, Transport,
+    StateError, TlsConfiguration, Transport,
 };
 use tokio::sync::{mpsc, watch};
 
@@ -55,8 +57,42 @@ pub struct LinkStats {
     pub disconnects: AtomicU64,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
-    pub chunks_dropped: AtomicU64,
-    pub foreign_topics: AtomicU64,
+    /// Inbound messages dropped, by (topic kind, reason). Every consumer of inbound messages
+    /// (the link itself, the uplink, the directive controller, the downloader) counts here, so
+    /// one place answers "what bad input did this device see".
+    dropped: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+}
+
+impl LinkStats {
+    /// Counts one inbound message dropped on `topic` (a topic kind such as `ack`, or
+    /// `foreign`) for `reason` (a stable label such as `too_large`).
+    pub fn record_dropped(&self, topic: &'static str, reason: &'static str) {
+        let mut dropped = self.dropped.lock().unwrap_or_else(PoisonError::into_inner);
+        *dropped.entry((topic, reason)).or_default() += 1;
+    }
+
+    /// Dropped messages so far, by (topic kind, reason).
+    pub fn dropped(&self) -> BTreeMap<(&'static str, &'static str), u64> {
+        self.dropped
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The counters as they travel in a health report; drops are keyed `topic/reason`.
+    pub fn snapshot(&self) -> fleet_protocol::outbox::LinkStats {
+        fleet_protocol::outbox::LinkStats {
+            connects: self.connects.load(Ordering::Relaxed),
+            disconnects: self.disconnects.load(Ordering::Relaxed),
+            bytes_in: self.bytes_in.load(Ordering::Relaxed),
+            bytes_out: self.bytes_out.load(Ordering::Relaxed),
+            dropped: self
+                .dropped()
+                .into_iter()
+                .map(|((topic, reason), n)| (format!("{topic}/{reason}"), n))
+                .collect(),
+        }
+    }
 }
 
 /// A directive as delivered by the broker, to be acknowledged once acted upon.
@@ -250,6 +286,7 @@ pub fn start(
             Duration::from_millis(config.broker.reconnect_min_ms),
             Duration::from_millis(config.broker.reconnect_max_ms),
         ),
+        poisoned: false,
     };
     let inbound = Inbound {
         directive,
@@ -302,6 +339,8 @@ struct Driver {
     chunk_tx: mpsc::Sender<Vec<u8>>,
     connected_tx: watch::Sender<bool>,
     backoff: Backoff,
+    /// The last connection broke on a packet this client could not read.
+    poisoned: bool,
 }
 
 impl Driver {
@@ -314,7 +353,17 @@ impl Driver {
                         "connected to the broker"
                     );
                     self.stats.connects.fetch_add(1, Ordering::Relaxed);
-                    self.backoff.reset();
+                    if self.eventloop.mqtt_options.clean_session() {
+                        // The clean start after a poisoned session is done; from now on the
+                        // session is persistent again.
+                        self.eventloop.mqtt_options.set_clean_session(false);
+                    }
+                    // After a poisoned session the backoff keeps growing: should the broker
+                    // hand over the unreadable packet again (say it is retained), reconnects
+                    // slow down instead of spinning.
+                    if !std::mem::take(&mut self.poisoned) {
+                        self.backoff.reset();
+                    }
                     self.on_connect();
                     self.connected_tx.send_replace(true);
                 }
@@ -333,6 +382,25 @@ impl Driver {
                 Err(e) => {
                     if self.connected_tx.send_replace(false) {
                         self.stats.disconnects.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if let ConnectionError::MqttState(StateError::Deserialization(cause)) = &e {
+                        // The broker sent a packet this client cannot read (above
+                        // `max_packet_bytes`, or not MQTT); the client has to drop the whole
+                        // connection. Count it like any other bad message.
+                        let reason = match cause {
+                            rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(_) => {
+                                "packet_too_large"
+                            }
+                            _ => "undecodable_packet",
+                        };
+                        self.stats.record_dropped("link", reason);
+                        // The broker keeps an undelivered message in the persistent session
+                        // and hands it over again at every reconnect (rumqttd even at QoS 0),
+                        // so resuming the session would fail forever. Start clean once: the
+                        // broker drops what it queued; the retained directive comes again
+                        // with the subscription, the uplink resends, the downloader asks again.
+                        self.eventloop.mqtt_options.set_clean_session(true);
+                        self.poisoned = true;
                     }
                     let delay = self.backoff.next_delay();
                     tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "broker connection failed");
@@ -381,22 +449,36 @@ impl Driver {
         }
         let payload = publish.payload.to_vec();
         match kind {
-            Some(kind) => match kind {
-                TopicKind::Directive => unreachable!("routed above"),
-                TopicKind::Ack => {
-                    self.ack_tx.send_replace(Some(payload));
+            Some(TopicKind::Ack) => {
+                // Checked here so that a malformed ack never displaces a good one in the
+                // latest-wins channel; the uplink still judges whether its id is believable.
+                if let Err(e) = decode::<Ack>(&payload) {
+                    self.stats.record_dropped("ack", e.label());
+                    tracing::warn!(error = %e, "dropped a malformed ack");
+                    return;
                 }
-                TopicKind::Chunk => {
-                    if self.chunk_tx.try_send(payload).is_err() {
-                        self.stats.chunks_dropped.fetch_add(1, Ordering::Relaxed);
-                    }
+                self.ack_tx.send_replace(Some(payload));
+            }
+            Some(TopicKind::Chunk) => {
+                if let Err(e) = decode_chunk(&payload) {
+                    self.stats.record_dropped("chunk", "malformed");
+                    tracing::warn!(error = %e, "dropped a malformed chunk reply");
+                    return;
                 }
-                other => {
-                    tracing::debug!(%topic, kind = %other, "ignoring a message on an uplink topic");
+                if self.chunk_tx.try_send(payload).is_err() {
+                    // The downloader is behind (or not running): it asks again after its
+                    // timeout if it still wants this chunk.
+                    self.stats.record_dropped("chunk", "queue_full");
                 }
-            },
+            }
+            Some(other) => {
+                // Only this device's inbound topics are subscribed; a broker that delivers
+                // anything else is misconfigured.
+                self.stats.record_dropped(other.as_str(), "not_inbound");
+                tracing::warn!(%topic, "dropped a message on one of this device's outbound topics");
+            }
             None => {
-                self.stats.foreign_topics.fetch_add(1, Ordering::Relaxed);
+                self.stats.record_dropped("foreign", "not_this_device");
                 tracing::warn!(%topic, "dropped a message on a topic that is not this device's");
             }
         }

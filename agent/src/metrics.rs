@@ -13,10 +13,12 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use fleet_protocol::histogram::{bucket_upper_us, LatencyHistogram};
 use fleet_protocol::{ModelName, ModelVersion};
+
+use crate::link::LinkStats;
 
 /// Error kind label for a request the model refused (wrong type, shape, malformed JSON).
 pub const KIND_BAD_REQUEST: &str = "bad_request";
@@ -70,7 +72,8 @@ pub struct Metrics {
     models: Mutex<BTreeMap<ModelKey, ModelEntry>>,
     bytes_fetched: AtomicU64,
     installs: Mutex<BTreeMap<&'static str, u64>>,
-    dropped: Mutex<BTreeMap<&'static str, u64>>,
+    /// The MQTT link's counters, once the link exists (the API starts before it).
+    link: OnceLock<Arc<LinkStats>>,
 }
 
 /// Locks a mutex even if a thread panicked while holding it: every update is a few integer
@@ -115,17 +118,14 @@ impl Metrics {
         *lock(&self.installs).entry(outcome).or_default() += 1;
     }
 
-    /// Counts a message dropped as malformed or untrusted, by reason label.
-    pub fn record_dropped(&self, reason: &'static str) {
-        *lock(&self.dropped).entry(reason).or_default() += 1;
+    /// Makes the link's counters (connections, bytes, dropped messages) part of `/metrics`.
+    /// Only the first call has an effect.
+    pub fn attach_link(&self, stats: Arc<LinkStats>) {
+        let _ = self.link.set(stats);
     }
 
     pub fn installs(&self) -> BTreeMap<&'static str, u64> {
         lock(&self.installs).clone()
-    }
-
-    pub fn dropped(&self) -> BTreeMap<&'static str, u64> {
-        lock(&self.dropped).clone()
     }
 
     /// Cumulative counters of one model version since the agent started (zero if never used).
@@ -156,7 +156,7 @@ impl Metrics {
             .map(|(key, entry)| (key.clone(), entry.total.clone()))
             .collect();
         let installs = self.installs();
-        let dropped = self.dropped();
+        let link = self.link.get();
 
         let mut out = String::new();
         header(
@@ -238,19 +238,47 @@ impl Metrics {
             );
         }
 
-        header(
-            &mut out,
-            "driftgate_dropped_messages_total",
-            "counter",
-            "Incoming messages dropped as malformed or untrusted, by reason.",
-        );
-        for (reason, n) in &dropped {
-            sample(
+        if let Some(link) = link {
+            let counters = [
+                (
+                    "driftgate_link_connects_total",
+                    "Sessions established with the broker.",
+                    &link.connects,
+                ),
+                (
+                    "driftgate_link_disconnects_total",
+                    "Sessions with the broker that were lost.",
+                    &link.disconnects,
+                ),
+                (
+                    "driftgate_link_received_bytes_total",
+                    "Payload bytes received from the broker.",
+                    &link.bytes_in,
+                ),
+                (
+                    "driftgate_link_sent_bytes_total",
+                    "Payload bytes published to the broker.",
+                    &link.bytes_out,
+                ),
+            ];
+            for (name, help, counter) in counters {
+                header(&mut out, name, "counter", help);
+                sample(&mut out, name, &[], counter.load(Ordering::Relaxed) as f64);
+            }
+            header(
                 &mut out,
                 "driftgate_dropped_messages_total",
-                &[("reason", reason)],
-                *n as f64,
+                "counter",
+                "Incoming messages dropped as malformed, untrusted or unexpected, by topic and reason.",
             );
+            for ((topic, reason), n) in link.dropped() {
+                sample(
+                    &mut out,
+                    "driftgate_dropped_messages_total",
+                    &[("topic", topic), ("reason", reason)],
+                    n as f64,
+                );
+            }
         }
         out
     }
@@ -375,7 +403,10 @@ mod tests {
         m.add_bytes_fetched(1234);
         m.record_install("installed");
         m.record_install("installed");
-        m.record_dropped("bad_signature");
+        let link = Arc::new(LinkStats::default());
+        link.record_dropped("directive", "bad_signature");
+        link.connects.fetch_add(2, Ordering::Relaxed);
+        m.attach_link(link);
         let text = m.render_prometheus();
 
         let labels = r#"model="cancer-logreg",version="v1""#;
@@ -390,7 +421,9 @@ mod tests {
             format!("driftgate_inference_latency_seconds_count{{{labels}}} 2"),
             "driftgate_fetched_bytes_total 1234".to_string(),
             r#"driftgate_installs_total{outcome="installed"} 2"#.to_string(),
-            r#"driftgate_dropped_messages_total{reason="bad_signature"} 1"#.to_string(),
+            r#"driftgate_dropped_messages_total{topic="directive",reason="bad_signature"} 1"#
+                .to_string(),
+            "driftgate_link_connects_total 2".to_string(),
         ] {
             assert!(
                 text.lines().any(|l| l == line),

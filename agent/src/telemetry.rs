@@ -1,5 +1,6 @@
 //! Telemetry: every interval, the inference figures of each model version (count, errors by
-//! kind, latency histogram) go into the outbox as one item per version.
+//! kind, latency histogram) go into the outbox as one item per version, followed by one health
+//! reading of the device.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -8,6 +9,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use fleet_protocol::outbox::{ItemBody, Telemetry};
 use fleet_protocol::{ModelName, ModelVersion};
 
+use crate::health::HealthProbe;
+use crate::link::LinkStats;
 use crate::metrics::Metrics;
 use crate::outbox::OutboxHandle;
 use crate::serve::ModelTable;
@@ -21,6 +24,7 @@ pub struct TelemetryRecorder {
     outbox: OutboxHandle,
     releases: HashMap<(ModelName, ModelVersion), u64>,
     last: Instant,
+    health: Option<(HealthProbe, Arc<LinkStats>)>,
 }
 
 impl TelemetryRecorder {
@@ -31,7 +35,14 @@ impl TelemetryRecorder {
             outbox,
             releases: HashMap::new(),
             last: Instant::now(),
+            health: None,
         }
+    }
+
+    /// Also reports the device's health at every flush, with the link's counters.
+    pub fn with_health(mut self, probe: HealthProbe, link: Arc<LinkStats>) -> Self {
+        self.health = Some((probe, link));
+        self
     }
 
     /// Notes the release of every version served now. Between two ticks a version can serve
@@ -44,8 +55,8 @@ impl TelemetryRecorder {
         }
     }
 
-    /// Queues one item per model version that served requests since the last call; returns
-    /// how many.
+    /// Queues one item per model version that served requests since the last call, and a
+    /// health reading when a probe is attached; returns how many items.
     pub fn flush(&mut self) -> usize {
         self.learn_releases();
         let interval_ms = self.last.elapsed().as_millis() as u64;
@@ -75,6 +86,14 @@ impl TelemetryRecorder {
                 latency: counters.latency,
             });
             if self.outbox.push(at_ms, &body) {
+                queued += 1;
+            }
+        }
+        if let Some((probe, link)) = &mut self.health {
+            // A few dozen small reads of /proc and /sys: well under a millisecond, once an
+            // interval, so it stays on this task.
+            let health = probe.sample(link);
+            if self.outbox.push(at_ms, &ItemBody::Health(health)) {
                 queued += 1;
             }
         }

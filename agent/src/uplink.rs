@@ -129,6 +129,7 @@ pub async fn run(
                     Ok(ack) => ack,
                     Err(e) => {
                         stats.bad_acks.fetch_add(1, Ordering::Relaxed);
+                        link.stats.record_dropped("ack", e.label());
                         tracing::warn!(error = %e, "dropped a malformed ack");
                         continue;
                     }
@@ -137,6 +138,7 @@ pub async fn run(
                     // Acks for ids never sent in this run: a confused or hostile server. Deleting
                     // on its word would lose items, so it is ignored.
                     stats.bad_acks.fetch_add(1, Ordering::Relaxed);
+                    link.stats.record_dropped("ack", "beyond_sent");
                     tracing::warn!(up_to = ack.up_to, max_sent, "dropped an ack beyond what was sent");
                     continue;
                 }

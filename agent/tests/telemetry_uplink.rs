@@ -1,4 +1,4 @@
-//! A real agent process reports what it did through its outbox: install events and one
+//! A real agent process reports what it did through its outbox: install events, health, and one
 //! telemetry item per model version per interval, whose inference counts add up to exactly the
 //! requests it served.
 
@@ -42,7 +42,7 @@ async fn telemetry_and_events_reach_the_server_and_the_counts_match() {
         // Telemetry arrives once a second; wait until the counts add up (or time runs out).
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         let (counted, events) = loop {
-            let (counted, events) = {
+            let (counted, events, health_after) = {
                 let items = receiver.items.lock().unwrap();
                 let counted: u64 = items
                     .values()
@@ -62,9 +62,18 @@ async fn telemetry_and_events_reach_the_server_and_the_counts_match() {
                         _ => None,
                     })
                     .collect();
-                (counted, events)
+                // Each flush queues the telemetry first, then a health reading.
+                let last_telemetry = items
+                    .iter()
+                    .filter(|(_, item)| matches!(item.body, ItemBody::Telemetry(_)))
+                    .map(|(id, _)| *id)
+                    .max();
+                let health_after = items
+                    .range(last_telemetry.unwrap_or(0)..)
+                    .any(|(_, item)| matches!(item.body, ItemBody::Health(_)));
+                (counted, events, health_after)
             };
-            if counted >= served || tokio::time::Instant::now() > deadline {
+            if (counted >= served && health_after) || tokio::time::Instant::now() > deadline {
                 break (counted, events);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -77,6 +86,25 @@ async fn telemetry_and_events_reach_the_server_and_the_counts_match() {
         );
         // Ids arrive without gaps: nothing was lost on the way.
         let items = receiver.items.lock().unwrap();
+        // A health reading rides along every interval.
+        let health = items
+            .values()
+            .rev()
+            .find_map(|item| match &item.body {
+                ItemBody::Health(h) => Some(h.clone()),
+                _ => None,
+            })
+            .expect("health readings arrive with the telemetry");
+        assert!(health.link.connects >= 1, "{health:?}");
+        assert!(
+            health.link.bytes_in > 0 && health.link.bytes_out > 0,
+            "{health:?}"
+        );
+        assert!(health.agent_rss_bytes > 1 << 20, "{health:?}");
+        assert!(
+            health.mem_total_bytes > 0 && health.disk_total_bytes > 0,
+            "{health:?}"
+        );
         let ids: Vec<u64> = items.keys().copied().collect();
         assert_eq!(ids, (1..=ids.len() as u64).collect::<Vec<_>>());
         eprintln!(

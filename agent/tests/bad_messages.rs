@@ -1,0 +1,170 @@
+//! Bad input on every inbound topic is dropped and counted, and the agent keeps serving and
+//! keeps taking good directives (issue 4, acceptance 6).
+//!
+//! A real agent process and broker. A hostile or broken publisher sends, one at a time:
+//! malformed, oversized and wrongly signed directives; malformed, oversized, wrong-version and
+//! impossible acks; malformed chunk replies; and a packet above the agent's MQTT packet limit.
+//! Each must show up once in `driftgate_dropped_messages_total{topic, reason}` on `/metrics`,
+//! inference must keep working throughout, and a good directive afterwards must still install.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::agent::{infer_matches_self_test, log_tail, write_config, Agent};
+use common::{directive, sample_manifest, sign_manifest, Control, Faults, Responder};
+use fleet_protocol::outbox::Ack;
+use fleet_protocol::{
+    encode, DeviceId, Envelope, SigningKey, TopicKind, Topics, DIRECTIVE_TYPE, V1,
+};
+use rumqttc::{AsyncClient, MqttOptions, QoS};
+
+/// The value of `driftgate_dropped_messages_total{topic, reason}`, 0 when absent.
+fn dropped(api_port: u16, topic: &str, reason: &str) -> u64 {
+    let (status, text) = common::http(api_port, "GET", "/metrics", b"");
+    assert_eq!(status, 200);
+    let prefix =
+        format!("driftgate_dropped_messages_total{{topic=\"{topic}\",reason=\"{reason}\"}} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .map_or(0, |value| value.parse().expect("a counter value"))
+}
+
+/// Every dropped-message counter, as `topic/reason value` lines (for failure messages).
+fn all_dropped(api_port: u16) -> String {
+    let (_, text) = common::http(api_port, "GET", "/metrics", b"");
+    text.lines()
+        .filter(|l| l.starts_with("driftgate_dropped_messages_total{"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_messages_are_dropped_and_counted_and_serving_goes_on() {
+    for broker in common::brokers("bad_messages_are_dropped_and_counted_and_serving_goes_on") {
+        eprintln!("broker: {}", broker.name);
+        let device = "dev-bad-input";
+        let dir = tempfile::tempdir().unwrap();
+        let api_port = common::free_port();
+        write_config(dir.path(), device, broker.port, api_port, "");
+        let (onnx, manifest) = sample_manifest("cancer-logreg", "v1", 1);
+        let (onnx2, manifest2) = sample_manifest("digits-mlp", "v1", 1);
+        let responder = Responder::start(broker.port, Faults::default()).await;
+        responder.add(onnx);
+        responder.add(onnx2);
+        let mut control = Control::start(broker.port, device).await;
+        let agent = Agent::start(dir.path());
+        control.wait_for("the agent's first state", |_| true).await;
+        control.install(device, 1, &manifest, false).await;
+
+        let mut options = MqttOptions::new("test-hostile-publisher", "127.0.0.1", broker.port);
+        options.set_max_packet_size(8 << 20, 8 << 20);
+        let (client, mut eventloop) = AsyncClient::new(options, 16);
+        tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+        let topics = Topics::default();
+        let device_id = DeviceId::new(device).unwrap();
+        let topic = |kind| topics.topic(&device_id, kind);
+
+        let signed_for_other_device =
+            directive("someone-else", 5, vec![(sign_manifest(&manifest2), false)]);
+        let unknown_key = SigningKey::from_bytes(&[9; 32]);
+        let signed_by_stranger = encode(&Envelope::sign(
+            DIRECTIVE_TYPE,
+            b"{\"v\":1}".to_vec(),
+            &unknown_key,
+        ));
+        let cases: Vec<(TopicKind, Vec<u8>, &str, &str)> = vec![
+            (
+                TopicKind::Directive,
+                b"not json at all".to_vec(),
+                "directive",
+                "malformed",
+            ),
+            (
+                TopicKind::Directive,
+                vec![b' '; fleet_protocol::limits::MAX_CONTROL_MESSAGE_BYTES + 1],
+                "directive",
+                "malformed",
+            ),
+            (
+                TopicKind::Directive,
+                signed_by_stranger,
+                "directive",
+                "unknown_key",
+            ),
+            (
+                TopicKind::Directive,
+                signed_for_other_device,
+                "directive",
+                "wrong_device",
+            ),
+            (TopicKind::Ack, b"{".to_vec(), "ack", "no_version"),
+            (
+                TopicKind::Ack,
+                br#"{"v": 7, "up_to": 1}"#.to_vec(),
+                "ack",
+                "unsupported_version",
+            ),
+            (TopicKind::Ack, vec![b' '; 300], "ack", "too_large"),
+            (
+                TopicKind::Ack,
+                br#"{"v": 1, "up_to": "many"}"#.to_vec(),
+                "ack",
+                "malformed",
+            ),
+            (
+                TopicKind::Ack,
+                encode(&Ack {
+                    v: V1,
+                    up_to: u64::MAX,
+                }),
+                "ack",
+                "beyond_sent",
+            ),
+            (TopicKind::Chunk, b"DGCK".to_vec(), "chunk", "malformed"),
+            (TopicKind::Chunk, vec![0xff; 4096], "chunk", "malformed"),
+            // Above the agent's 4 MiB packet limit: the client cannot even read it, so the
+            // connection breaks. The broker would hand it over again at every resumed session;
+            // the agent counts it once, starts one clean session, and is back.
+            (
+                TopicKind::Ack,
+                vec![b'x'; 4 * 1024 * 1024 + 512],
+                "link",
+                "packet_too_large",
+            ),
+        ];
+        for (kind, payload, counter_topic, reason) in cases {
+            let before = dropped(api_port, counter_topic, reason);
+            let len = payload.len();
+            client
+                .publish(topic(kind), QoS::AtLeastOnce, false, payload)
+                .await
+                .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while dropped(api_port, counter_topic, reason) == before {
+                assert!(
+                    Instant::now() < deadline,
+                    "{len} bytes on {kind}: expected {counter_topic}/{reason} to be counted\n{}\n{}",
+                    all_dropped(api_port),
+                    log_tail(dir.path())
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert_eq!(
+                dropped(api_port, counter_topic, reason),
+                before + 1,
+                "{len} bytes on {kind}: {counter_topic}/{reason} counted exactly once\n{}",
+                log_tail(dir.path())
+            );
+            // Serving is not disturbed.
+            infer_matches_self_test(api_port, &manifest);
+        }
+        eprintln!("{}", all_dropped(api_port));
+
+        // The link is back (the oversized packet broke the session) and good directives still
+        // work: a new model installs.
+        control.install(device, 2, &manifest2, false).await;
+        infer_matches_self_test(api_port, &manifest2);
+        agent.kill();
+    }
+}
