@@ -51,6 +51,18 @@
 //!
 //! [telemetry]
 //! interval_secs = 10                   # default 10 s: inference figures per model version
+//!
+//! [sampler]                            # keeps some inputs and outputs for the server
+//! enabled = true                       # default true; false keeps nothing from any model
+//! mode = "rate"                        # default "rate": keep each inference with `rate`…
+//! rate = 0.01                          # default 0.01 (1 %)
+//! # mode = "reservoir"                 # …or keep `per_window` uniformly chosen per window
+//! per_window = 16                      # default 16
+//! window_secs = 300                    # default 300 s
+//! max_bytes = 65536                    # default 64 KiB: a larger sample is skipped (counted)
+//!
+//! [sampler.models.digits-mlp]          # per model: any key above except `models`
+//! enabled = false                      # for example, never keep this model's inputs (privacy)
 //! ```
 
 use std::fmt;
@@ -99,6 +111,79 @@ pub struct AgentConfig {
     pub outbox: OutboxConfig,
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    #[serde(default)]
+    pub sampler: SamplerConfig,
+}
+
+/// How the sampler picks inferences to keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SampleMode {
+    /// Each inference independently, with probability `rate`.
+    #[default]
+    Rate,
+    /// `per_window` inferences per window, uniformly among those served (reservoir sampling),
+    /// sent when the window closes.
+    Reservoir,
+}
+
+/// The sampler's settings for every model, with per-model overrides.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SamplerConfig {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    #[serde(default)]
+    pub mode: SampleMode,
+    #[serde(default = "default_sample_rate")]
+    pub rate: f64,
+    #[serde(default = "default_per_window")]
+    pub per_window: usize,
+    #[serde(default = "default_sample_window")]
+    pub window_secs: u64,
+    #[serde(default = "default_sample_bytes")]
+    pub max_bytes: usize,
+    /// Overrides by model name.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub models: std::collections::BTreeMap<String, SamplerOverride>,
+}
+
+/// Per-model sampler settings; an absent key takes the `[sampler]` value.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SamplerOverride {
+    pub enabled: Option<bool>,
+    pub mode: Option<SampleMode>,
+    pub rate: Option<f64>,
+    pub per_window: Option<usize>,
+    pub window_secs: Option<u64>,
+    pub max_bytes: Option<usize>,
+}
+
+/// The sampler settings of one model, overrides applied.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplePolicy {
+    pub enabled: bool,
+    pub mode: SampleMode,
+    pub rate: f64,
+    pub per_window: usize,
+    pub window_secs: u64,
+    pub max_bytes: usize,
+}
+
+impl SamplerConfig {
+    /// The settings that apply to `model`.
+    pub fn policy(&self, model: &str) -> SamplePolicy {
+        let o = self.models.get(model).cloned().unwrap_or_default();
+        SamplePolicy {
+            enabled: self.enabled && o.enabled.unwrap_or(true),
+            mode: o.mode.unwrap_or(self.mode),
+            rate: o.rate.unwrap_or(self.rate),
+            per_window: o.per_window.unwrap_or(self.per_window),
+            window_secs: o.window_secs.unwrap_or(self.window_secs),
+            max_bytes: o.max_bytes.unwrap_or(self.max_bytes),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -137,6 +222,21 @@ fn default_in_flight() -> usize {
 }
 fn default_ack_timeout() -> u64 {
     15_000
+}
+fn default_true() -> bool {
+    true
+}
+fn default_sample_rate() -> f64 {
+    0.01
+}
+fn default_per_window() -> usize {
+    16
+}
+fn default_sample_window() -> u64 {
+    300
+}
+fn default_sample_bytes() -> usize {
+    64 * 1024
 }
 fn default_telemetry_interval() -> u64 {
     10
@@ -288,6 +388,20 @@ impl Default for ApiConfig {
             listen: default_listen(),
             max_concurrent_inferences: default_concurrency(),
             max_body_bytes: default_body(),
+        }
+    }
+}
+
+impl Default for SamplerConfig {
+    fn default() -> Self {
+        SamplerConfig {
+            enabled: true,
+            mode: SampleMode::default(),
+            rate: default_sample_rate(),
+            per_window: default_per_window(),
+            window_secs: default_sample_window(),
+            max_bytes: default_sample_bytes(),
+            models: Default::default(),
         }
     }
 }
@@ -543,6 +657,45 @@ impl AgentConfig {
                 "must be at least 1".into(),
             ));
         }
+        // A sampled item must fit in one uplink batch with room for its base64 and JSON.
+        let max_sample = fleet_protocol::limits::MAX_BATCH_BYTES / 2;
+        let mut policies = vec![("sampler".to_string(), self.sampler.policy(""))];
+        for name in self.sampler.models.keys() {
+            if fleet_protocol::ModelName::new(name).is_err() {
+                return Err(invalid(
+                    "sampler.models",
+                    format!("{name:?} is not a model name ([A-Za-z0-9._-]{{1,128}})"),
+                ));
+            }
+            policies.push((format!("sampler.models.{name}"), self.sampler.policy(name)));
+        }
+        for (at, policy) in policies {
+            // The field names the key; the reason names the table it was set in.
+            if !(0.0..=1.0).contains(&policy.rate) {
+                return Err(invalid(
+                    "sampler.rate",
+                    format!("in [{at}] must be between 0 and 1"),
+                ));
+            }
+            if policy.per_window == 0 || policy.per_window > 10_000 {
+                return Err(invalid(
+                    "sampler.per_window",
+                    format!("in [{at}] must be between 1 and 10000"),
+                ));
+            }
+            if policy.window_secs == 0 {
+                return Err(invalid(
+                    "sampler.window_secs",
+                    format!("in [{at}] must be at least 1"),
+                ));
+            }
+            if policy.max_bytes < 64 || policy.max_bytes > max_sample {
+                return Err(invalid(
+                    "sampler.max_bytes",
+                    format!("in [{at}] must be between 64 and {max_sample}"),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -594,10 +747,34 @@ fleet_keys = ["/etc/driftgate/fleet.pub"]
         assert_eq!(c.outbox.quota_bytes, 64 * 1024 * 1024);
         assert_eq!(c.outbox.in_flight, 4);
         assert_eq!(c.telemetry.interval_secs, 10);
+        let policy = c.sampler.policy("any");
+        assert!(policy.enabled && policy.mode == SampleMode::Rate && policy.rate == 0.01);
+        assert_eq!(
+            (policy.per_window, policy.window_secs, policy.max_bytes),
+            (16, 300, 65536)
+        );
         assert_eq!(c.broker.topic_root, "driftgate");
         // The rendered effective config parses back to the same thing.
         let again = parse(&c.to_toml()).unwrap();
         assert_eq!(again.to_toml(), c.to_toml());
+    }
+
+    #[test]
+    fn sampler_overrides_apply_per_model() {
+        let c = parse(&format!(
+            "{MINIMAL}\n[sampler]\nrate = 0.5\n[sampler.models.private]\nenabled = false\n\
+             [sampler.models.rare]\nmode = \"reservoir\"\nper_window = 3\n"
+        ))
+        .unwrap();
+        assert_eq!(c.sampler.policy("other").rate, 0.5);
+        assert!(!c.sampler.policy("private").enabled);
+        let rare = c.sampler.policy("rare");
+        assert_eq!(
+            (rare.mode, rare.per_window, rare.rate),
+            (SampleMode::Reservoir, 3, 0.5)
+        );
+        let again = parse(&c.to_toml()).unwrap();
+        assert_eq!(again.sampler, c.sampler);
     }
 
     #[test]
@@ -632,6 +809,14 @@ fleet_keys = ["/etc/driftgate/fleet.pub"]
             ("[outbox]\nbatch_bytes = 900000", "outbox.batch_bytes"),
             ("[outbox]\nbatch_items = 0", "outbox.batch_items"),
             ("[telemetry]\ninterval_secs = 0", "telemetry.interval_secs"),
+            ("[sampler]\nrate = 1.5", "sampler.rate"),
+            ("[sampler.models.m]\nrate = -1", "sampler.rate"),
+            ("[sampler]\nmax_bytes = 2000000", "sampler.max_bytes"),
+            ("[sampler.models.m]\nper_window = 0", "sampler.per_window"),
+            (
+                "[sampler.models.\"no/slash\"]\nenabled = false",
+                "sampler.models",
+            ),
         ] {
             let err = parse(&format!("{MINIMAL}\n{section}\n"))
                 .unwrap_err()

@@ -25,6 +25,7 @@ use crate::link::{self, AGENT_VERSION};
 use crate::metrics::Metrics;
 use crate::outbox::{self, Outbox, OutboxLimits};
 use crate::runtime::Plan;
+use crate::sampler::Sampler;
 use crate::serve::{self, ModelTable, ServeConfig, ServeState, ServingModel};
 use crate::store::ModelStore;
 use crate::telemetry::TelemetryRecorder;
@@ -98,6 +99,21 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     }
 
     let metrics = Arc::new(Metrics::new());
+    // The outbox: what the agent learns waits on disk until the server has it.
+    let outbox_path = config.data_dir.join("outbox.db");
+    let outbox = Outbox::open(
+        &outbox_path,
+        OutboxLimits {
+            quota_bytes: config.outbox.quota_bytes,
+        },
+    )
+    .with_context(|| format!("outbox {}", outbox_path.display()))?;
+    let (outbox, outbox_thread) = outbox::spawn(outbox);
+    let sampler = Arc::new(Sampler::new(
+        config.sampler.clone(),
+        outbox.clone(),
+        metrics.clone(),
+    ));
     let listener = tokio::net::TcpListener::bind(config.api.listen)
         .await
         .with_context(|| format!("api.listen {}", config.api.listen))?;
@@ -110,7 +126,8 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             max_concurrent_inferences: config.api.max_concurrent_inferences,
             max_body_bytes: config.api.max_body_bytes,
         },
-    );
+    )
+    .with_observer(sampler.clone());
     let mut api_stop = stop_rx.clone();
     let api = tokio::spawn(serve::serve(listener, serve_state, async move {
         let _ = api_stop.wait_for(|stop| *stop).await;
@@ -120,16 +137,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     metrics.attach_link(handle.stats.clone());
     tokio::spawn(driver);
 
-    // The outbox and its uplink: what the agent learns waits on disk until the server has it.
-    let outbox_path = config.data_dir.join("outbox.db");
-    let outbox = Outbox::open(
-        &outbox_path,
-        OutboxLimits {
-            quota_bytes: config.outbox.quota_bytes,
-        },
-    )
-    .with_context(|| format!("outbox {}", outbox_path.display()))?;
-    let (outbox, outbox_thread) = outbox::spawn(outbox);
+    // The uplink: what the agent learns waits in the outbox until the server has it.
     let uplink = tokio::spawn(uplink::run(
         outbox.clone(),
         handle.clone(),
@@ -148,6 +156,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let telemetry = tokio::spawn(
         TelemetryRecorder::new(metrics.clone(), table.clone(), outbox.clone())
             .with_health(HealthProbe::new(&config.data_dir), handle.stats.clone())
+            .with_sampler(sampler)
             .run(
                 std::time::Duration::from_secs(config.telemetry.interval_secs),
                 telemetry_stopped,

@@ -13,6 +13,7 @@ pub mod link; // the MQTT session: TLS, last will, jittered reconnect, resubscri
 pub mod metrics; // counters and latency histograms, rendered as Prometheus text
 pub mod outbox; // everything for the server, in SQLite until acknowledged, under a byte quota
 pub mod runtime; // ONNX models loaded, optimised and run with tract; self-tests
+pub mod sampler; // some inferences' inputs and outputs for the server: by rate or reservoir, per model, off for privacy
 pub mod serve; // the local inference API (Open Inference Protocol / KServe v2 over HTTP) and /metrics
 pub mod store; // model versions on disk: install, atomic activation, keep the last N, start-up recovery
 pub mod telemetry; // inference figures per model version per interval, into the outbox

@@ -72,6 +72,8 @@ pub struct Metrics {
     models: Mutex<BTreeMap<ModelKey, ModelEntry>>,
     bytes_fetched: AtomicU64,
     installs: Mutex<BTreeMap<&'static str, u64>>,
+    /// Sampler outcomes by model and label (`kept`, `too_large`, …).
+    samples: Mutex<BTreeMap<(ModelName, &'static str), u64>>,
     /// The MQTT link's counters, once the link exists (the API starts before it).
     link: OnceLock<Arc<LinkStats>>,
 }
@@ -118,6 +120,17 @@ impl Metrics {
         *lock(&self.installs).entry(outcome).or_default() += 1;
     }
 
+    /// Counts one sampler outcome for `model`.
+    pub fn record_sample(&self, model: &ModelName, outcome: &'static str) {
+        *lock(&self.samples)
+            .entry((model.clone(), outcome))
+            .or_default() += 1;
+    }
+
+    pub fn samples(&self) -> BTreeMap<(ModelName, &'static str), u64> {
+        lock(&self.samples).clone()
+    }
+
     /// Makes the link's counters (connections, bytes, dropped messages) part of `/metrics`.
     /// Only the first call has an effect.
     pub fn attach_link(&self, stats: Arc<LinkStats>) {
@@ -157,6 +170,7 @@ impl Metrics {
             .collect();
         let installs = self.installs();
         let link = self.link.get();
+        let samples = self.samples();
 
         let mut out = String::new();
         header(
@@ -234,6 +248,21 @@ impl Metrics {
                 &mut out,
                 "driftgate_installs_total",
                 &[("outcome", outcome)],
+                *n as f64,
+            );
+        }
+
+        header(
+            &mut out,
+            "driftgate_samples_total",
+            "counter",
+            "Inferences the sampler chose to keep, by model and outcome.",
+        );
+        for ((model, outcome), n) in &samples {
+            sample(
+                &mut out,
+                "driftgate_samples_total",
+                &[("model", model.as_str()), ("outcome", outcome)],
                 *n as f64,
             );
         }

@@ -150,13 +150,31 @@ impl Default for ServeConfig {
     }
 }
 
+/// Sees every successful inference with its inputs and all of its outputs (the sampler, the
+/// drift monitor). Called on the thread that ran the model, after the latency was measured, so
+/// it must be quick: a few microseconds, no I/O that can block.
+pub trait InferenceObserver: Send + Sync + 'static {
+    fn observe(&self, model: &ServingModel, inputs: &[Tensor], outputs: &[Tensor]);
+}
+
 /// What the handlers share.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ServeState {
     pub models: Arc<ModelTable>,
     pub metrics: Arc<Metrics>,
     inference_slots: Arc<Semaphore>,
     max_body_bytes: usize,
+    observers: Arc<Vec<Arc<dyn InferenceObserver>>>,
+}
+
+impl std::fmt::Debug for ServeState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeState")
+            .field("models", &self.models)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("observers", &self.observers.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl ServeState {
@@ -167,7 +185,14 @@ impl ServeState {
             // Zero slots would hang every request forever; treat it as one.
             inference_slots: Arc::new(Semaphore::new(config.max_concurrent_inferences.max(1))),
             max_body_bytes: config.max_body_bytes,
+            observers: Arc::new(Vec::new()),
         }
+    }
+
+    /// Adds an observer of every successful inference.
+    pub fn with_observer(mut self, observer: Arc<dyn InferenceObserver>) -> Self {
+        Arc::make_mut(&mut self.observers).push(observer);
+        self
     }
 }
 
@@ -508,11 +533,18 @@ async fn run_inference(
         .await
         .map_err(|_| ApiError::ShuttingDown)?;
     let running = Arc::clone(model);
+    let observers = Arc::clone(&state.observers);
     let run = move || {
         let _permit = permit;
         let started = Instant::now();
         let result = running.plan.run(&inputs);
-        (result, started.elapsed())
+        let elapsed = started.elapsed();
+        if let Ok(outputs) = &result {
+            for observer in observers.iter() {
+                observer.observe(&running, &inputs, outputs);
+            }
+        }
+        (result, elapsed)
     };
     // Where the inference runs. A model that typically runs within `INLINE_RUN_MAX` runs right
     // here: a hop to the blocking pool and back costs two thread wake-ups (tens of

@@ -13,6 +13,7 @@ use crate::health::HealthProbe;
 use crate::link::LinkStats;
 use crate::metrics::Metrics;
 use crate::outbox::OutboxHandle;
+use crate::sampler::Sampler;
 use crate::serve::ModelTable;
 
 /// Turns interval counters into telemetry items. Remembers the release counter of every
@@ -25,6 +26,7 @@ pub struct TelemetryRecorder {
     releases: HashMap<(ModelName, ModelVersion), u64>,
     last: Instant,
     health: Option<(HealthProbe, Arc<LinkStats>)>,
+    sampler: Option<Arc<Sampler>>,
 }
 
 impl TelemetryRecorder {
@@ -36,7 +38,15 @@ impl TelemetryRecorder {
             releases: HashMap::new(),
             last: Instant::now(),
             health: None,
+            sampler: None,
         }
+    }
+
+    /// Also sends the sampler's reservoirs whose window has ended at every flush (and all of
+    /// them at the final flush).
+    pub fn with_sampler(mut self, sampler: Arc<Sampler>) -> Self {
+        self.sampler = Some(sampler);
+        self
     }
 
     /// Also reports the device's health at every flush, with the link's counters.
@@ -110,9 +120,15 @@ impl TelemetryRecorder {
             tokio::select! {
                 _ = tick.tick() => {
                     self.flush();
+                    if let Some(sampler) = &self.sampler {
+                        sampler.flush(false);
+                    }
                 }
                 _ = stop.wait_for(|stop| *stop) => {
                     self.flush();
+                    if let Some(sampler) = &self.sampler {
+                        sampler.flush(true);
+                    }
                     return;
                 }
             }

@@ -16,6 +16,7 @@ pub mod keys; // Ed25519 keys as PEM, key ids, key rings
 pub mod limits; // size bounds and the clock-skew tolerance
 pub mod manifest; // Manifest: what the release key vouches for about a model version
 pub mod outbox; // uplink batches, their item kinds, priorities, and acks
+pub mod sample; // sampled inputs and outputs in a compact binary form (`dgt1`)
 pub mod state; // reported State and online/offline Status
 pub mod tensor; // tensors in Open Inference Protocol JSON, tensor specs, tolerance compare
 pub mod topics; // `{root}/d/{device}/{kind}`: the one place that knows the topic layout
