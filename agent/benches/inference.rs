@@ -498,7 +498,7 @@ async fn delivery_rate(
     let manifest = common::blob_manifest(artifact);
     let started = Instant::now();
     let report = download(
-        &manifest,
+        manifest.artifact(),
         &staging,
         &config.fetch,
         &handle,

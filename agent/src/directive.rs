@@ -24,8 +24,8 @@ use fleet_protocol::outbox::{Event, EventKind, ItemBody};
 use fleet_protocol::state::{ModelRef, Refusal};
 use fleet_protocol::trust::{check_release_order, verify_directive, verify_manifest};
 use fleet_protocol::{
-    decode, encode, Directive, Envelope, InstallPhase, KeyRing, Manifest, ModelName, ModelState,
-    Sha256Digest, State, TopicKind, TrustError, DIRECTIVE_TYPE, V1,
+    decode, encode, BlobRef, Directive, Envelope, InstallPhase, KeyRing, Manifest, ModelName,
+    ModelState, Sha256Digest, State, TopicKind, TrustError, DIRECTIVE_TYPE, V1,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -413,6 +413,70 @@ impl Controller {
         }
     }
 
+    /// Downloads `blob` for model `name` into its staging file, publishing progress, and
+    /// returns the staging path; or the reason it failed. A failure caused by the link keeps
+    /// the staging file and asks for a retry after the next reconnect; bytes that can never
+    /// become the blob are thrown away.
+    async fn fetch_blob(
+        &mut self,
+        name: &ModelName,
+        blob: BlobRef,
+        chunks: &mut mpsc::Receiver<Vec<u8>>,
+    ) -> Result<std::path::PathBuf, String> {
+        let staging = self.store.staging_path(&blob.sha256);
+        let total = blob.size;
+        self.set_phase(name, InstallPhase::Downloading { received: 0, total })
+            .await;
+        let mut last_report = (Instant::now(), 0u64);
+        let mut reports = Vec::new();
+        let result = fetch::download(
+            blob,
+            &staging,
+            &self.config.fetch,
+            &self.link,
+            chunks,
+            |received, total| {
+                // Progress is published at most once a second or every 10 %.
+                if last_report.0.elapsed() >= Duration::from_secs(1)
+                    || received.saturating_sub(last_report.1) * 10 >= total
+                {
+                    last_report = (Instant::now(), received);
+                    reports.push(received);
+                }
+            },
+        )
+        .await;
+        if let Some(&received) = reports.last() {
+            self.state_of(name).phase = InstallPhase::Downloading { received, total };
+        }
+        match result {
+            Ok(report) => {
+                self.metrics.add_bytes_fetched(report.fetched);
+                tracing::info!(model = %name, sha256 = %blob.sha256, fetched = report.fetched, resumed_from = report.resumed_from, retries = report.retries, "downloaded");
+                Ok(staging)
+            }
+            Err(e) => {
+                if matches!(
+                    e,
+                    fetch::FetchError::Mismatch(_) | fetch::FetchError::TooLong { .. }
+                ) {
+                    // These bytes can never become the blob: start afresh next time.
+                    self.store.remove_staging(&blob.sha256);
+                }
+                if matches!(
+                    e,
+                    fetch::FetchError::Timeout { .. } | fetch::FetchError::LinkClosed
+                ) {
+                    // The link, not the blob: keep the staging file and try again after the
+                    // next reconnect (or a while), from where it stopped.
+                    self.retry_wanted = true;
+                    return Err(format!("{e}; will resume after the next reconnect"));
+                }
+                Err(e.to_string())
+            }
+        }
+    }
+
     async fn refuse(&mut self, seq: Option<u64>, error: &TrustError) {
         tracing::warn!(code = error.label(), error = %error, "directive refused");
         self.metrics.record_install("directive_refused");
@@ -506,62 +570,35 @@ impl Controller {
             .ok()
             .filter(|stored| stored.manifest.sha256 == manifest.sha256);
         if installed.is_none() {
-            let staging = self.store.staging_path(&manifest.sha256);
-            let total = manifest.size;
-            self.set_phase(&name, InstallPhase::Downloading { received: 0, total })
-                .await;
-            let mut last_report = (Instant::now(), 0u64);
-            let mut reports = Vec::new();
-            let result = fetch::download(
-                &manifest,
-                &staging,
-                &self.config.fetch,
-                &self.link,
-                chunks,
-                |received, total| {
-                    // Progress is published at most once a second or every 10 %.
-                    if last_report.0.elapsed() >= Duration::from_secs(1)
-                        || received.saturating_sub(last_report.1) * 10 >= total
-                    {
-                        last_report = (Instant::now(), received);
-                        reports.push(received);
+            // The reference profile first: it is small, and the model is useless to the drift
+            // monitor without it.
+            let staged_profile = match manifest.profile() {
+                None => None,
+                Some(profile) => match self.fetch_blob(&name, profile, chunks).await {
+                    Ok(path) => Some(path),
+                    Err(reason) => {
+                        return self
+                            .fail(&name, format!("reference profile: {reason}"))
+                            .await
                     }
                 },
-            )
-            .await;
-            if let Some(&received) = reports.last() {
-                self.state_of(&name).phase = InstallPhase::Downloading { received, total };
-            }
-            match result {
-                Ok(report) => {
-                    self.metrics.add_bytes_fetched(report.fetched);
-                    tracing::info!(model = %name, fetched = report.fetched, resumed_from = report.resumed_from, retries = report.retries, "downloaded");
-                }
-                Err(e) => {
-                    if matches!(
-                        e,
-                        fetch::FetchError::Mismatch(_) | fetch::FetchError::TooLong { .. }
-                    ) {
-                        // These bytes can never become the artifact: start afresh next time.
-                        self.store.remove_staging(&manifest.sha256);
-                    }
-                    if matches!(
-                        e,
-                        fetch::FetchError::Timeout { .. } | fetch::FetchError::LinkClosed
-                    ) {
-                        // The link, not the artifact: keep the staging file and try again
-                        // after the next reconnect (or a while), from where it stopped.
-                        self.retry_wanted = true;
-                        let reason = format!("{e}; will resume after the next reconnect");
-                        return self.fail(&name, reason).await;
-                    }
-                    return self.fail(&name, e.to_string()).await;
-                }
-            }
+            };
+            let staging = match self.fetch_blob(&name, manifest.artifact(), chunks).await {
+                Ok(path) => path,
+                Err(reason) => return self.fail(&name, reason).await,
+            };
             self.set_phase(&name, InstallPhase::Verifying).await;
             self.set_phase(&name, InstallPhase::Staging).await;
-            if let Err(e) = self.store.install(envelope, &manifest, &staging) {
+            if let Err(e) = self.store.install_with_profile(
+                envelope,
+                &manifest,
+                &staging,
+                staged_profile.as_deref(),
+            ) {
                 self.store.remove_staging(&manifest.sha256);
+                if let Some(profile) = manifest.profile() {
+                    self.store.remove_staging(&profile.sha256);
+                }
                 return self.fail(&name, e.to_string()).await;
             }
         }

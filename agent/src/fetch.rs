@@ -17,8 +17,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use fleet_protocol::chunk::{decode_chunk, ChunkStatus};
-use fleet_protocol::trust::verify_artifact;
-use fleet_protocol::{encode, ChunkRequest, Manifest, Sha256Digest, TopicKind, TrustError, V1};
+use fleet_protocol::trust::verify_blob;
+use fleet_protocol::{encode, BlobRef, ChunkRequest, Sha256Digest, TopicKind, TrustError, V1};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -82,10 +82,11 @@ struct Pending {
     len: u32,
 }
 
-/// Downloads the artifact of `manifest` into `staging`, resuming from what is there, and
-/// checks its size and digest. `progress` is called with (bytes on disk, total).
+/// Downloads `blob` (a model's artifact or its reference profile) into `staging`, resuming
+/// from what is there, and checks its size and digest. `progress` is called with (bytes on
+/// disk, total).
 pub async fn download(
-    manifest: &Manifest,
+    blob: BlobRef,
     staging: &Path,
     config: &FetchConfig,
     requester: &impl ChunkRequester,
@@ -96,7 +97,7 @@ pub async fn download(
         path: staging.display().to_string(),
         cause,
     };
-    let size = manifest.size;
+    let size = blob.size;
     let (mut file, mut hasher, resumed_from) = open_staging(staging, size).map_err(io)?;
     let mut written = resumed_from;
     progress(written, size);
@@ -121,7 +122,7 @@ pub async fn download(
         // Fill the window.
         while pending.len() < config.window && next_offset < size {
             let len = chunk.min(size - next_offset) as u32;
-            send(requester, manifest, next_offset, len).await?;
+            send(requester, &blob, next_offset, len).await?;
             pending.insert(
                 next_offset,
                 Pending {
@@ -149,14 +150,14 @@ pub async fn download(
                         continue;
                     }
                 };
-                if header.sha256 != manifest.sha256 {
+                if header.sha256 != blob.sha256 {
                     report.ignored += 1;
                     continue;
                 }
                 match header.status {
                     ChunkStatus::Ok => {}
-                    ChunkStatus::NotFound => return Err(FetchError::NotFound(manifest.sha256)),
-                    ChunkStatus::Denied => return Err(FetchError::Denied(manifest.sha256)),
+                    ChunkStatus::NotFound => return Err(FetchError::NotFound(blob.sha256)),
+                    ChunkStatus::Denied => return Err(FetchError::Denied(blob.sha256)),
                     ChunkStatus::OutOfRange => {
                         return Err(FetchError::OutOfRange { offset: header.offset, size })
                     }
@@ -207,7 +208,7 @@ pub async fn download(
                     p.sent_at = now;
                     report.retries += 1;
                     let len = p.len;
-                    send(requester, manifest, offset, len).await?;
+                    send(requester, &blob, offset, len).await?;
                 }
             }
         }
@@ -215,20 +216,20 @@ pub async fn download(
 
     file.sync_all().map_err(io)?;
     report.sha256 = hasher.finalize().into();
-    verify_artifact(manifest, written, &report.sha256).map_err(FetchError::Mismatch)?;
+    verify_blob(&blob, written, &report.sha256).map_err(FetchError::Mismatch)?;
     Ok(report)
 }
 
 async fn send(
     requester: &impl ChunkRequester,
-    manifest: &Manifest,
+    blob: &BlobRef,
     offset: u64,
     len: u32,
 ) -> Result<(), FetchError> {
     requester
         .request(ChunkRequest {
             v: V1,
-            sha256: manifest.sha256,
+            sha256: blob.sha256,
             offset,
             len,
         })

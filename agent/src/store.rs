@@ -3,6 +3,7 @@
 //! ```text
 //! models/{name}/{version}/model.onnx      the artifact
 //! models/{name}/{version}/manifest.json   the signed manifest envelope, as received
+//! models/{name}/{version}/profile.json    the reference profile, when the manifest names one
 //! models/{name}/ACTIVE.json               {"active": "v2", "previous": "v1"}
 //! staging/{sha256}.part                   downloads in progress (kept across restarts)
 //! ```
@@ -14,7 +15,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use fleet_protocol::trust::{verify_artifact, verify_manifest};
+use fleet_protocol::trust::{verify_artifact, verify_blob, verify_manifest};
 use fleet_protocol::{decode, Envelope, KeyRing, Manifest, ModelName, ModelVersion, Sha256Digest};
 use serde::{Deserialize, Serialize};
 
@@ -22,6 +23,7 @@ use crate::fsutil::{atomic_write, fsync_dir, hash_file, read_bounded, sync_renam
 
 const ACTIVE: &str = "ACTIVE.json";
 const MODEL: &str = "model.onnx";
+const PROFILE: &str = "profile.json";
 const MANIFEST: &str = "manifest.json";
 
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +73,8 @@ pub struct StoredModel {
     pub envelope: Envelope,
     pub manifest: Manifest,
     pub onnx: Vec<u8>,
+    /// The reference profile's bytes, verified against the manifest, when one ships.
+    pub profile: Option<Vec<u8>>,
 }
 
 /// What start-up recovery did for one model.
@@ -161,6 +165,18 @@ impl ModelStore {
         manifest: &Manifest,
         staged: &Path,
     ) -> Result<(), StoreError> {
+        self.install_with_profile(envelope, manifest, staged, None)
+    }
+
+    /// [`ModelStore::install`], with the staged reference profile the manifest names (which
+    /// must be given exactly when the manifest names one).
+    pub fn install_with_profile(
+        &self,
+        envelope: &Envelope,
+        manifest: &Manifest,
+        staged: &Path,
+        staged_profile: Option<&Path>,
+    ) -> Result<(), StoreError> {
         // Hidden names mark crash leftovers (`open` removes them) and ACTIVE.json is the pointer.
         for (what, value) in [
             ("model name", manifest.name.as_str()),
@@ -178,11 +194,36 @@ impl ModelStore {
             path: staged.to_path_buf(),
             reason: e.to_string(),
         })?;
+        match (manifest.profile(), staged_profile) {
+            (None, None) => {}
+            (Some(expected), Some(path)) => {
+                let (size, digest) = hash_file(path).map_err(io(path))?;
+                verify_blob(&expected, size, &digest).map_err(|e| StoreError::Corrupt {
+                    path: path.to_path_buf(),
+                    reason: format!("reference profile: {e}"),
+                })?;
+            }
+            (Some(_), None) => {
+                return Err(StoreError::Corrupt {
+                    path: staged.to_path_buf(),
+                    reason: "the manifest names a reference profile and none was given".into(),
+                })
+            }
+            (None, Some(path)) => {
+                return Err(StoreError::Corrupt {
+                    path: path.to_path_buf(),
+                    reason: "a reference profile the manifest does not name".into(),
+                })
+            }
+        }
         let final_dir = self.version_dir(&manifest.name, &manifest.version);
         if final_dir.exists() {
             let existing = read_manifest(&final_dir)?;
             if existing.sha256 == manifest.sha256 {
                 let _ = fs::remove_file(staged);
+                if let Some(profile) = staged_profile {
+                    let _ = fs::remove_file(profile);
+                }
                 return Ok(());
             }
             return Err(StoreError::Conflict {
@@ -200,6 +241,13 @@ impl ModelStore {
         fs::create_dir(&building).map_err(io(&building))?;
         atomic_write(&building.join(MANIFEST), &fleet_protocol::encode(envelope))
             .map_err(io(&building))?;
+        if let Some(profile) = staged_profile {
+            let path = building.join(PROFILE);
+            fs::rename(profile, &path).map_err(io(&path))?;
+            fs::File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(io(&path))?;
+        }
         let model_path = building.join(MODEL);
         fs::rename(staged, &model_path).map_err(io(&model_path))?;
         fs::File::open(&model_path)
@@ -313,10 +361,25 @@ impl ModelStore {
                 reason: e.to_string(),
             }
         })?;
+        let profile = match manifest.profile() {
+            None => None,
+            Some(expected) => {
+                let path = dir.join(PROFILE);
+                let bytes = read_bounded(&path, expected.size).map_err(io(&path))?;
+                verify_blob(&expected, bytes.len() as u64, &Sha256Digest::of(&bytes)).map_err(
+                    |e| StoreError::Corrupt {
+                        path: path.clone(),
+                        reason: format!("reference profile: {e}"),
+                    },
+                )?;
+                Some(bytes)
+            }
+        };
         Ok(StoredModel {
             envelope,
             manifest,
             onnx,
+            profile,
         })
     }
 
@@ -543,6 +606,7 @@ mod tests {
             outputs: signature.outputs,
             self_test: case,
             profile_sha256: None,
+            profile_size: None,
             min_agent_version: None,
             created_at_ms: 0,
         };

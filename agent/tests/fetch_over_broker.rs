@@ -67,7 +67,7 @@ async fn a_multi_megabyte_artifact_arrives_whole_and_resumes_from_a_partial_file
 
         let mut last = (0, 0);
         let report = download(
-            &manifest,
+            manifest.artifact(),
             &staging,
             &config.fetch,
             &handle,
@@ -110,7 +110,7 @@ async fn lost_requests_are_retried() {
         let (handle, mut inbound) = connect(&config).await;
         let staging = dir.path().join("blob.part");
         let report = download(
-            &common::blob_manifest(&blob),
+            common::blob_manifest(&blob).artifact(),
             &staging,
             &config.fetch,
             &handle,
@@ -140,7 +140,7 @@ async fn endless_data_is_refused_as_soon_as_it_passes_the_manifest_size() {
         let (handle, mut inbound) = connect(&config).await;
         let staging = dir.path().join("blob.part");
         let err = download(
-            &common::blob_manifest(&blob),
+            common::blob_manifest(&blob).artifact(),
             &staging,
             &config.fetch,
             &handle,
@@ -168,7 +168,7 @@ async fn a_wrong_digest_is_refused_and_an_unknown_artifact_is_named() {
         let mut other = blob.to_vec();
         other[5] ^= 1;
         let err = download(
-            &common::blob_manifest(&other),
+            common::blob_manifest(&other).artifact(),
             &dir.path().join("a.part"),
             &config.fetch,
             &handle,
@@ -185,7 +185,7 @@ async fn a_wrong_digest_is_refused_and_an_unknown_artifact_is_named() {
         corrupt[10] ^= 1;
         std::fs::write(&staging, &corrupt).unwrap();
         let err = download(
-            &common::blob_manifest(&blob),
+            common::blob_manifest(&blob).artifact(),
             &staging,
             &config.fetch,
             &handle,

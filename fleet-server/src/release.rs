@@ -183,6 +183,7 @@ pub fn sign_model(request: &SignRequest, key: &SigningKey) -> Result<Signed, Rel
         outputs: signature.outputs,
         self_test,
         profile_sha256: None,
+        profile_size: None,
         min_agent_version: request.min_agent_version.clone(),
         created_at_ms: request.created_at_ms,
     };

@@ -64,6 +64,7 @@ fn manifest() -> Manifest {
             tolerance: Tolerance::default(),
         },
         profile_sha256: None,
+        profile_size: None,
         min_agent_version: Some("0.1.0".into()),
         created_at_ms: SEED_NOW_MS - 48 * HOUR_MS,
     }

@@ -29,12 +29,12 @@ pub use directive::{Directive, ModelDirective};
 pub use envelope::{Envelope, DIRECTIVE_TYPE, MANIFEST_TYPE};
 pub use ids::{DeviceId, IdentError, ModelName, ModelVersion};
 pub use keys::{KeyId, KeyRing, SigningKey, VerifyingKey};
-pub use manifest::{Manifest, SelfTest};
+pub use manifest::{BlobRef, Manifest, SelfTest};
 pub use outbox::{Ack, Batch, Item, ItemBody};
 pub use state::{InstallPhase, ModelState, State, Status};
 pub use tensor::{ElementType, Tensor, TensorData, TensorSpec, Tolerance};
 pub use topics::{TopicKind, Topics};
 pub use trust::{
-    check_release_order, verify_artifact, verify_artifact_bytes, verify_directive, verify_manifest,
-    TrustError,
+    check_release_order, verify_artifact, verify_artifact_bytes, verify_blob, verify_directive,
+    verify_manifest, TrustError,
 };

@@ -20,6 +20,9 @@ pub const MAX_MQTT_PACKET_BYTES: usize = 4 * 1024 * 1024;
 /// Largest model artifact a manifest may declare (2 GiB).
 pub const MAX_ARTIFACT_BYTES: u64 = 2 * 1024 * 1024 * 1024;
 
+/// Largest reference profile (drift bins, proportions and thresholds of every feature).
+pub const MAX_PROFILE_BYTES: usize = 4 * 1024 * 1024;
+
 /// Most input or output tensors a manifest may declare.
 pub const MAX_TENSORS: usize = 64;
 

@@ -26,13 +26,42 @@ pub struct Manifest {
     pub outputs: Vec<TensorSpec>,
     pub self_test: SelfTest,
     /// SHA-256 of the reference profile the drift monitor compares against, if one ships.
+    /// The profile travels like the artifact (chunk requests by digest) and is stored beside it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub profile_sha256: Option<Sha256Digest>,
+    /// Size of that profile in bytes: given exactly when `profile_sha256` is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile_size: Option<u64>,
     /// The oldest agent version (semver `MAJOR.MINOR.PATCH`) that may install this model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_agent_version: Option<String>,
     /// When the manifest was signed, in milliseconds since the Unix epoch.
     pub created_at_ms: i64,
+}
+
+/// A blob a device downloads by digest: the artifact, or the reference profile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlobRef {
+    pub sha256: Sha256Digest,
+    pub size: u64,
+}
+
+impl Manifest {
+    /// The ONNX artifact.
+    pub fn artifact(&self) -> BlobRef {
+        BlobRef {
+            sha256: self.sha256,
+            size: self.size,
+        }
+    }
+
+    /// The reference profile, when one ships with the model.
+    pub fn profile(&self) -> Option<BlobRef> {
+        Some(BlobRef {
+            sha256: self.profile_sha256?,
+            size: self.profile_size?,
+        })
+    }
 }
 
 /// Inputs with the outputs they must produce, within a tolerance.
@@ -70,6 +99,17 @@ impl WireMessage for Manifest {
         }
         self.self_test
             .validate_against(&self.inputs, &self.outputs)?;
+        match (self.profile_sha256, self.profile_size) {
+            (None, None) => {}
+            (Some(_), Some(size)) if size > 0 && size <= limits::MAX_PROFILE_BYTES as u64 => {}
+            (Some(_), Some(size)) => {
+                return Err(format!(
+                    "profile size {size} is outside 1..={}",
+                    limits::MAX_PROFILE_BYTES
+                ))
+            }
+            _ => return Err("profile_sha256 and profile_size go together".into()),
+        }
         if let Some(version) = &self.min_agent_version {
             parse_semver(version)
                 .ok_or_else(|| format!("min_agent_version {version:?} is not MAJOR.MINOR.PATCH"))?;

@@ -11,7 +11,7 @@ use crate::envelope::{Envelope, DIRECTIVE_TYPE, MANIFEST_TYPE};
 use crate::ids::{DeviceId, ModelName};
 use crate::keys::{KeyId, KeyRing};
 use crate::limits::CLOCK_SKEW_TOLERANCE_MS;
-use crate::manifest::Manifest;
+use crate::manifest::{BlobRef, Manifest};
 
 /// Why something was not trusted. One variant per reason, so that what the agent reports
 /// upstream says exactly what was wrong.
@@ -151,15 +151,24 @@ pub fn verify_artifact(
     actual_size: u64,
     actual_sha256: &Sha256Digest,
 ) -> Result<(), TrustError> {
-    if actual_size != manifest.size {
+    verify_blob(&manifest.artifact(), actual_size, actual_sha256)
+}
+
+/// Checks downloaded or stored bytes (artifact or profile) against what the manifest names.
+pub fn verify_blob(
+    expected: &BlobRef,
+    actual_size: u64,
+    actual_sha256: &Sha256Digest,
+) -> Result<(), TrustError> {
+    if actual_size != expected.size {
         return Err(TrustError::SizeMismatch {
-            expected: manifest.size,
+            expected: expected.size,
             actual: actual_size,
         });
     }
-    if actual_sha256 != &manifest.sha256 {
+    if actual_sha256 != &expected.sha256 {
         return Err(TrustError::HashMismatch {
-            expected: manifest.sha256,
+            expected: expected.sha256,
             actual: *actual_sha256,
         });
     }

@@ -61,6 +61,7 @@ fn manifest(release: u64, artifact: &[u8]) -> Manifest {
             tolerance: Tolerance::default(),
         },
         profile_sha256: None,
+        profile_size: None,
         min_agent_version: None,
         created_at_ms: NOW - 24 * HOUR,
     }

@@ -145,6 +145,7 @@ fn manifest() -> impl Strategy<Value = Manifest> {
                         outputs: outs,
                         tolerance: Tolerance { abs, rel },
                     },
+                    profile_size: profile.map(|_| 1 + size % 4096),
                     profile_sha256: profile,
                     min_agent_version: min.map(|(a, b, c)| format!("{a}.{b}.{c}")),
                     created_at_ms,

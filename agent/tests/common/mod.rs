@@ -308,6 +308,7 @@ pub fn blob_manifest(artifact: &[u8]) -> Manifest {
             tolerance: Tolerance::default(),
         },
         profile_sha256: None,
+        profile_size: None,
         min_agent_version: None,
         created_at_ms: 0,
     }
@@ -370,6 +371,7 @@ pub fn sample_manifest(model: &str, version: &str, release: u64) -> (Vec<u8>, Ma
         outputs: signature.outputs,
         self_test: case,
         profile_sha256: None,
+        profile_size: None,
         min_agent_version: None,
         created_at_ms: 0,
     };

@@ -127,6 +127,7 @@ pub fn manifest_for(onnx: &[u8], name: &str, version: &str, release: u64) -> Man
             tolerance: Default::default(),
         },
         profile_sha256: None,
+        profile_size: None,
         min_agent_version: None,
         created_at_ms: 0,
     }
