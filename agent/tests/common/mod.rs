@@ -18,6 +18,7 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 pub mod agent;
 pub mod onnx;
+pub mod proxy;
 pub mod receiver;
 pub mod tls;
 

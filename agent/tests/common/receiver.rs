@@ -1,6 +1,7 @@
 //! The server's side of the uplink for tests: stores items by id and acks them.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -8,11 +9,17 @@ use fleet_protocol::outbox::{Ack, Batch, Item};
 use fleet_protocol::{decode, encode, DeviceId, TopicKind, Topics, V1};
 use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS};
 
-/// The server's side of the uplink: stores items by id (a resent item replaces itself) and
+/// The server's side of the uplink: stores items by id (a resent item is stored once) and
 /// acks the highest id below which it holds everything. Can be told to send junk first.
 pub struct Receiver {
     pub items: Arc<Mutex<BTreeMap<u64, Item>>>,
+    /// Items received, resends included.
     pub deliveries: Arc<Mutex<u64>>,
+    /// Ids that arrived again with other contents: the agent reused an id. The first copy is
+    /// kept, as a server storing by (device, id) would.
+    pub conflicts: Arc<Mutex<Vec<u64>>>,
+    /// The highest `up_to` acked so far.
+    pub acked: Arc<AtomicU64>,
 }
 
 impl Receiver {
@@ -28,7 +35,14 @@ impl Receiver {
             .unwrap();
         let items = Arc::new(Mutex::new(BTreeMap::new()));
         let deliveries = Arc::new(Mutex::new(0));
-        let (store, count) = (items.clone(), deliveries.clone());
+        let conflicts = Arc::new(Mutex::new(Vec::new()));
+        let acked = Arc::new(AtomicU64::new(0));
+        let (store, count, conflicted, acked_up_to) = (
+            items.clone(),
+            deliveries.clone(),
+            conflicts.clone(),
+            acked.clone(),
+        );
         // The event loop runs in a task of its own, so the acks go out while the processing
         // task waits.
         let (batches_tx, mut batches) = tokio::sync::mpsc::unbounded_channel();
@@ -54,7 +68,15 @@ impl Receiver {
                     let mut store = store.lock().unwrap();
                     *count.lock().unwrap() += batch.items.len() as u64;
                     for item in batch.items {
-                        store.insert(item.id, item);
+                        match store.get(&item.id) {
+                            Some(stored) if *stored != item => {
+                                conflicted.lock().unwrap().push(item.id);
+                            }
+                            Some(_) => {}
+                            None => {
+                                store.insert(item.id, item);
+                            }
+                        }
                     }
                     // Everything below the first gap.
                     let mut up_to = 0;
@@ -74,12 +96,18 @@ impl Receiver {
                     // turn before the real ack replaces it.
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
+                acked_up_to.fetch_max(up_to, Ordering::Relaxed);
                 let ack = encode(&Ack { v: V1, up_to });
                 let _ = client
                     .publish(&ack_topic, QoS::AtLeastOnce, false, ack)
                     .await;
             }
         });
-        Receiver { items, deliveries }
+        Receiver {
+            items,
+            deliveries,
+            conflicts,
+            acked,
+        }
     }
 }
