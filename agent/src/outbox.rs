@@ -86,6 +86,9 @@ impl EncodedItem {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OutboxStats {
     pub items: u64,
+    /// The highest id ever given to an item (0 before the first), kept by SQLite across
+    /// deletions and restarts.
+    pub max_id: u64,
     pub content_bytes: u64,
     pub file_bytes: u64,
     /// Evictions not yet reported upstream, by kind.
@@ -398,8 +401,17 @@ impl Outbox {
             .connection
             .query_row("SELECT COUNT(*) FROM items", [], |row| row.get(0))
             .map_err(self.sqlite())?;
+        let max_id: i64 = self
+            .connection
+            .query_row(
+                "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'items'), 0)",
+                [],
+                |row| row.get(0),
+            )
+            .map_err(self.sqlite())?;
         Ok(OutboxStats {
             items: items.max(0) as u64,
+            max_id: max_id.max(0) as u64,
             content_bytes: self.content_bytes,
             file_bytes: self.file_bytes(),
             unreported_evictions: self.unreported_evictions()?,

@@ -5,7 +5,9 @@
 //! id N"; the outbox then deletes those items. A reconnect, or an ack that does not come in
 //! time, rewinds to the last acked id and sends again: the server stores items by (device, id),
 //! so a resent item is never counted twice. A malformed ack is dropped and counted; it changes
-//! nothing.
+//! nothing. So is an ack for ids the outbox never gave. An ack beyond what this run has sent
+//! but within the ids given (the server stored batches of a previous run whose ack was lost)
+//! deletes what this run sent, and sending goes on from there.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -134,18 +136,32 @@ pub async fn run(
                         continue;
                     }
                 };
-                if ack.up_to > max_sent {
-                    // Acks for ids never sent in this run: a confused or hostile server. Deleting
-                    // on its word would lose items, so it is ignored.
-                    stats.bad_acks.fetch_add(1, Ordering::Relaxed);
-                    link.stats.record_dropped("ack", "beyond_sent");
-                    tracing::warn!(up_to = ack.up_to, max_sent, "dropped an ack beyond what was sent");
-                    continue;
+                let mut up_to = ack.up_to;
+                if up_to > max_sent {
+                    // The server holds more than this run has sent. Legitimate after a restart
+                    // (it stored batches of the previous run whose ack never arrived), as long
+                    // as those ids exist at all; then only what this run sent is deleted, and
+                    // the next batches catch up. An id beyond any ever given is a confused or
+                    // hostile server: deleting on its word would lose items.
+                    let max_id = match outbox.stats().await {
+                        Ok(stats) => stats.max_id,
+                        Err(e) => {
+                            tracing::error!(error = %e, "uplink stopping");
+                            return;
+                        }
+                    };
+                    if up_to > max_id {
+                        stats.bad_acks.fetch_add(1, Ordering::Relaxed);
+                        link.stats.record_dropped("ack", "unknown_ids");
+                        tracing::warn!(up_to, max_id, "dropped an ack for ids never given");
+                        continue;
+                    }
+                    up_to = max_sent;
                 }
-                if ack.up_to <= acked {
-                    continue; // a duplicate
+                if up_to <= acked {
+                    continue; // a duplicate, or nothing of this run covered yet
                 }
-                match outbox.acknowledge(ack.up_to).await {
+                match outbox.acknowledge(up_to).await {
                     Ok(deleted) => {
                         stats.items_acknowledged.fetch_add(deleted, Ordering::Relaxed);
                     }
@@ -154,7 +170,7 @@ pub async fn run(
                         return;
                     }
                 }
-                acked = ack.up_to;
+                acked = up_to;
                 sent = sent.max(acked);
                 while in_flight.front().is_some_and(|(last, _)| *last <= acked) {
                     in_flight.pop_front();

@@ -119,7 +119,7 @@ async fn bad_messages_are_dropped_and_counted_and_serving_goes_on() {
                     up_to: u64::MAX,
                 }),
                 "ack",
-                "beyond_sent",
+                "unknown_ids",
             ),
             (TopicKind::Chunk, b"DGCK".to_vec(), "chunk", "malformed"),
             (TopicKind::Chunk, vec![0xff; 4096], "chunk", "malformed"),

@@ -97,7 +97,7 @@ async fn every_item_arrives_and_leaves_the_outbox_only_when_acknowledged() {
             "no_version",
             "unsupported_version",
             "too_large",
-            "beyond_sent",
+            "unknown_ids",
         ] {
             assert_eq!(
                 dropped.get(&("ack", reason)),
@@ -115,4 +115,60 @@ async fn every_item_arrives_and_leaves_the_outbox_only_when_acknowledged() {
             stats.resends.load(Ordering::Relaxed)
         );
     }
+}
+
+/// After a restart the server may already hold far more than the first window reaches (its
+/// acks for the previous run were lost, or the window was made smaller). Its acks then name
+/// ids beyond what this run has sent; they must move the uplink on, not stall it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_beyond_this_runs_window_after_a_restart_move_the_uplink_on() {
+    let broker = common::embedded_broker();
+    let device = "dev-uplink-restart";
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(broker.port, dir.path(), device);
+    let receiver = Receiver::start(broker.port, device, Vec::new()).await;
+    let total = 3_000u64;
+    let outbox = Outbox::open(&dir.path().join("outbox.db"), OutboxLimits::default()).unwrap();
+    let (outbox, _thread) = outbox::spawn(outbox);
+    for n in 1..=total {
+        assert!(outbox.push(n as i64, &event(n)));
+    }
+    // The previous run delivered ids 1..=2048 and its acks were lost.
+    let held: Vec<_> = outbox.next_batch(0, 2048, 1 << 20).await.unwrap();
+    assert_eq!(held.len(), 2048);
+    receiver
+        .items
+        .lock()
+        .unwrap()
+        .extend(held.into_iter().map(|item| (item.id, item)));
+
+    let (handle, inbound, driver) = link::start(&config).unwrap();
+    tokio::spawn(driver);
+    let link_stats = handle.stats.clone();
+    let stats = Arc::new(UplinkStats::default());
+    tokio::spawn(uplink::run(
+        outbox.clone(),
+        handle,
+        inbound.ack.clone(),
+        inbound.connected.clone(),
+        UplinkConfig {
+            batch_items: 100,
+            in_flight: 1,
+            ..UplinkConfig::default()
+        },
+        stats.clone(),
+    ));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while outbox.stats().await.unwrap().items > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the uplink stalled: {:?}; {stats:?}",
+            outbox.stats().await.unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(receiver.items.lock().unwrap().len() as u64, total);
+    assert!(receiver.conflicts.lock().unwrap().is_empty());
+    assert!(link_stats.dropped().is_empty(), "{:?}", link_stats.dropped());
+    assert_eq!(stats.bad_acks.load(Ordering::Relaxed), 0);
 }
