@@ -169,6 +169,10 @@ async fn acks_beyond_this_runs_window_after_a_restart_move_the_uplink_on() {
     }
     assert_eq!(receiver.items.lock().unwrap().len() as u64, total);
     assert!(receiver.conflicts.lock().unwrap().is_empty());
-    assert!(link_stats.dropped().is_empty(), "{:?}", link_stats.dropped());
+    assert!(
+        link_stats.dropped().is_empty(),
+        "{:?}",
+        link_stats.dropped()
+    );
     assert_eq!(stats.bad_acks.load(Ordering::Relaxed), 0);
 }
