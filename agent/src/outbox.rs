@@ -56,7 +56,8 @@ impl Default for OutboxLimits {
 /// What one append did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AppendReport {
-    /// Ids given to the appended items, in order.
+    /// Ids given to the appended items that were stored, in order (incoming items given up
+    /// to the quota get none).
     pub ids: Vec<u64>,
     /// Items evicted to make room, by kind.
     pub evicted: BTreeMap<String, u64>,
@@ -180,9 +181,9 @@ impl Outbox {
 
     /// [`Outbox::append`] for items already encoded (by the writers, off the outbox thread).
     pub fn append_encoded(&mut self, items: &[EncodedItem]) -> Result<AppendReport, OutboxError> {
-        let incoming: u64 = items.iter().map(|item| item.body.len() as u64).sum();
+        let (evicted, keep) = self.make_room(items)?;
         let mut report = AppendReport {
-            evicted: self.make_room(incoming)?,
+            evicted,
             ..Default::default()
         };
 
@@ -194,13 +195,14 @@ impl Outbox {
             .connection
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(sqlite)?;
+        let mut stored = 0u64;
         {
             let mut insert = transaction
                 .prepare_cached(
                     "INSERT INTO items (priority, kind, at_ms, bytes, body) VALUES (?1, ?2, ?3, ?4, ?5)",
                 )
                 .map_err(sqlite)?;
-            for item in items {
+            for (item, _) in items.iter().zip(&keep).filter(|(_, keep)| **keep) {
                 insert
                     .execute(params![
                         item.priority as i64,
@@ -211,10 +213,11 @@ impl Outbox {
                     ])
                     .map_err(sqlite)?;
                 report.ids.push(transaction.last_insert_rowid() as u64);
+                stored += item.body.len() as u64;
             }
         }
         transaction.commit().map_err(sqlite)?;
-        self.content_bytes += incoming;
+        self.content_bytes += stored;
         // The log grows between automatic checkpoints; near the quota, fold it in now.
         if self.file_bytes() > self.limits.quota_bytes / 10 * 9 {
             self.give_back_space()?;
@@ -222,15 +225,24 @@ impl Outbox {
         Ok(report)
     }
 
-    /// Evicts the oldest items of the lowest priority until `incoming` more bytes fit in the
-    /// content budget. Events are never evicted, so a flood of them can pass the budget.
-    fn make_room(&mut self, incoming: u64) -> Result<BTreeMap<String, u64>, OutboxError> {
+    /// Makes room in the content budget for `incoming`: gives up the lowest priority first,
+    /// and within a priority the oldest first, counting the incoming items as the newest. So a
+    /// burst of samples larger than the budget pushes out older samples and then its own
+    /// oldest, never a telemetry item. Events are never given up, so a flood of them can pass
+    /// the budget. Returns what was evicted by kind, and which incoming items to store.
+    #[allow(clippy::type_complexity)]
+    fn make_room(
+        &mut self,
+        incoming: &[EncodedItem],
+    ) -> Result<(BTreeMap<String, u64>, Vec<bool>), OutboxError> {
         let budget = (self.limits.quota_bytes as f64 * CONTENT_SHARE_OF_QUOTA) as u64;
+        let incoming_bytes: u64 = incoming.iter().map(|item| item.body.len() as u64).sum();
         let mut evicted = BTreeMap::new();
-        if self.content_bytes + incoming <= budget {
-            return Ok(evicted);
+        let mut keep = vec![true; incoming.len()];
+        if self.content_bytes + incoming_bytes <= budget {
+            return Ok((evicted, keep));
         }
-        let mut to_free = self.content_bytes + incoming - budget;
+        let mut to_free = self.content_bytes + incoming_bytes - budget;
         let sqlite = |cause| OutboxError::Sqlite {
             path: self.path.clone(),
             cause,
@@ -243,7 +255,7 @@ impl Outbox {
         {
             let mut oldest = transaction
                 .prepare_cached(
-                    "SELECT id, kind, bytes FROM items WHERE priority < ?1 ORDER BY priority, id LIMIT 512",
+                    "SELECT id, kind, bytes FROM items WHERE priority = ?1 ORDER BY id LIMIT 512",
                 )
                 .map_err(sqlite)?;
             let mut delete = transaction
@@ -255,27 +267,45 @@ impl Outbox {
                      ON CONFLICT (kind) DO UPDATE SET count = count + 1",
                 )
                 .map_err(sqlite)?;
-            while to_free > 0 {
-                let victims: Vec<(i64, String, i64)> = oldest
-                    .query_map([Priority::Event as i64], |row| {
-                        Ok((row.get(0)?, row.get(1)?, row.get(2)?))
-                    })
-                    .map_err(sqlite)?
-                    .collect::<Result<_, _>>()
-                    .map_err(sqlite)?;
-                if victims.is_empty() {
-                    break; // only events left: they stay
+            for priority in [Priority::Sample, Priority::Telemetry, Priority::Summary] {
+                // Stored items of this priority, oldest first…
+                while to_free > 0 {
+                    let victims: Vec<(i64, String, i64)> = oldest
+                        .query_map([priority as i64], |row| {
+                            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                        })
+                        .map_err(sqlite)?
+                        .collect::<Result<_, _>>()
+                        .map_err(sqlite)?;
+                    if victims.is_empty() {
+                        break;
+                    }
+                    for (id, kind, bytes) in victims {
+                        delete.execute([id]).map_err(sqlite)?;
+                        count.execute([&kind]).map_err(sqlite)?;
+                        *evicted.entry(kind).or_insert(0) += 1;
+                        let bytes = bytes.max(0) as u64;
+                        freed += bytes;
+                        to_free = to_free.saturating_sub(bytes);
+                        if to_free == 0 {
+                            break;
+                        }
+                    }
                 }
-                for (id, kind, bytes) in victims {
-                    delete.execute([id]).map_err(sqlite)?;
-                    count.execute([&kind]).map_err(sqlite)?;
-                    *evicted.entry(kind).or_insert(0) += 1;
-                    let bytes = bytes.max(0) as u64;
-                    freed += bytes;
-                    to_free = to_free.saturating_sub(bytes);
+                // …then the incoming ones of this priority, in arrival order.
+                for (item, keep) in incoming.iter().zip(keep.iter_mut()) {
                     if to_free == 0 {
                         break;
                     }
+                    if item.priority == priority {
+                        *keep = false;
+                        count.execute([item.kind]).map_err(sqlite)?;
+                        *evicted.entry(item.kind.to_string()).or_insert(0) += 1;
+                        to_free = to_free.saturating_sub(item.body.len() as u64);
+                    }
+                }
+                if to_free == 0 {
+                    break;
                 }
             }
         }
@@ -284,7 +314,7 @@ impl Outbox {
         if freed > 0 {
             self.give_back_space()?;
         }
-        Ok(evicted)
+        Ok((evicted, keep))
     }
 
     /// Returns freed pages to the file system and folds the log into the database.
@@ -701,6 +731,43 @@ mod tests {
         assert_eq!(outbox.next_batch(0, 100, 15_000).unwrap().len(), 1);
         assert_eq!(outbox.next_batch(0, 100, 25_000).unwrap().len(), 3);
         assert_eq!(outbox.next_batch(0, 2, usize::MAX).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_burst_of_samples_larger_than_the_budget_gives_up_only_samples() {
+        let dir = tempfile::tempdir().unwrap();
+        let quota = 1024 * 1024;
+        let mut outbox = Outbox::open(
+            &dir.path().join("o.db"),
+            OutboxLimits { quota_bytes: quota },
+        )
+        .unwrap();
+        // One group commit: an event, then more samples than the whole budget holds, with
+        // an older-priority item (an evictions report) in the middle.
+        let mut items = vec![(0, event(1))];
+        items.extend((0..300).map(|_| (0, sample(2_000))));
+        items.push((0, ItemBody::Evictions(Default::default())));
+        items.extend((0..300).map(|_| (0, sample(2_000))));
+        let report = outbox.append(&items).unwrap();
+        let samples_evicted = report.evicted["sample"];
+        assert!(samples_evicted > 300, "{:?}", report.evicted);
+        assert_eq!(
+            report.evicted.len(),
+            1,
+            "only samples went: {:?}",
+            report.evicted
+        );
+        let stored = outbox.next_batch(0, 4096, usize::MAX).unwrap();
+        assert_eq!(stored.len() as u64 + samples_evicted, 602);
+        assert!(matches!(stored[0].body, ItemBody::Event(_)));
+        assert!(stored
+            .iter()
+            .any(|i| matches!(i.body, ItemBody::Evictions(_))));
+        // The newest samples are the ones kept.
+        assert_eq!(report.ids.len(), stored.len());
+        assert!(
+            outbox.stats().unwrap().content_bytes <= (quota as f64 * CONTENT_SHARE_OF_QUOTA) as u64
+        );
     }
 
     #[test]

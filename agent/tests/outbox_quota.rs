@@ -24,6 +24,7 @@ const QUOTA: u64 = 1024 * 1024;
 /// times the quota.
 const SERVED_OFFLINE: u64 = 20_000;
 const CLIENTS: u64 = 4;
+const _: () = assert!(SERVED_OFFLINE.is_multiple_of(CLIENTS));
 
 /// The outbox database and its write-ahead log, as the quota counts them.
 fn outbox_bytes(data_dir: &Path) -> u64 {
@@ -83,12 +84,10 @@ async fn a_long_offline_period_stays_under_quota_and_reports_evictions() {
             let manifest = manifest.clone();
             tokio::task::spawn_blocking(move || {
                 std::thread::scope(|scope| {
-                    for client in 0..CLIENTS {
+                    for _ in 0..CLIENTS {
                         let manifest = &manifest;
                         scope.spawn(move || {
-                            let share = SERVED_OFFLINE / CLIENTS
-                                + u64::from(client < SERVED_OFFLINE % CLIENTS);
-                            for _ in 0..share {
+                            for _ in 0..SERVED_OFFLINE / CLIENTS {
                                 infer_matches_self_test(api_port, manifest);
                             }
                         });
