@@ -191,13 +191,9 @@ impl FeatureExtractor {
         self.sources.len()
     }
 
-    /// Calls `visit` with the feature values of each row of the batch, in order, and returns
-    /// the number of rows. Nothing is visited when the batch does not fit.
-    pub fn for_each_row(
-        &mut self,
-        tensors: &[Tensor],
-        mut visit: impl FnMut(&[f64]),
-    ) -> Result<usize, ExtractError> {
+    /// Checks that the batch fits (every input present with the expected row size, one batch
+    /// size) and returns its number of rows.
+    pub fn rows(&mut self, tensors: &[Tensor]) -> Result<usize, ExtractError> {
         self.bound.clear();
         let mut batch = None;
         for plan in &self.inputs {
@@ -223,7 +219,17 @@ impl FeatureExtractor {
             }
             self.bound.push(index);
         }
-        let rows = batch.unwrap_or(0);
+        Ok(batch.unwrap_or(0))
+    }
+
+    /// Calls `visit` with the feature values of each row of the batch, in order, and returns
+    /// the number of rows. Nothing is visited when the batch does not fit.
+    pub fn for_each_row(
+        &mut self,
+        tensors: &[Tensor],
+        mut visit: impl FnMut(&[f64]),
+    ) -> Result<usize, ExtractError> {
+        let rows = self.rows(tensors)?;
         for r in 0..rows {
             for ((&t, plan), row) in self.bound.iter().zip(&self.inputs).zip(&mut self.rows) {
                 copy_row(&tensors[t].data, r * plan.row_len, row);
