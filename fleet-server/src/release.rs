@@ -74,6 +74,8 @@ pub struct SignRequest {
     /// The release counter; derived from `version` when it is `N` or `vN`.
     pub release: Option<u64>,
     pub self_test: Option<PathBuf>,
+    /// A reference profile (`fleetctl profile build`) whose SHA-256 the manifest binds.
+    pub profile: Option<PathBuf>,
     pub min_agent_version: Option<String>,
     pub created_at_ms: i64,
 }
@@ -172,6 +174,17 @@ pub fn sign_model(request: &SignRequest, key: &SigningKey) -> Result<Signed, Rel
             detail,
         })?;
 
+    let profile_sha256 = match &request.profile {
+        Some(profile_path) => Some(check_profile(
+            profile_path,
+            &request.name,
+            release,
+            &onnx,
+            &signature,
+        )?),
+        None => None,
+    };
+
     let manifest = Manifest {
         v: V1,
         name: request.name.clone(),
@@ -182,7 +195,7 @@ pub fn sign_model(request: &SignRequest, key: &SigningKey) -> Result<Signed, Rel
         inputs: signature.inputs,
         outputs: signature.outputs,
         self_test,
-        profile_sha256: None,
+        profile_sha256,
         min_agent_version: request.min_agent_version.clone(),
         created_at_ms: request.created_at_ms,
     };
@@ -198,6 +211,45 @@ pub fn sign_model(request: &SignRequest, key: &SigningKey) -> Result<Signed, Rel
         envelope,
         synthetic_self_test: synthetic,
     })
+}
+
+/// The digest of a profile file's exact bytes, once the profile has been checked against the
+/// model: built from this very ONNX file, for the same inputs, watching an output it has. The
+/// check is the agent's own (`DriftMonitor::new`), so a profile that signs here loads there.
+fn check_profile(
+    path: &Path,
+    name: &ModelName,
+    release: u64,
+    onnx: &[u8],
+    signature: &runtime::ModelSignature,
+) -> Result<Sha256Digest, ReleaseError> {
+    let (profile, bytes) =
+        crate::profile::read_profile(path).map_err(|e| ReleaseError::BadInput {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        })?;
+    let model_digest = Sha256Digest::of(onnx);
+    if profile.model_sha256 != model_digest {
+        return Err(ReleaseError::BadInput {
+            path: path.to_path_buf(),
+            detail: format!(
+                "the profile was built for the model with sha256 {}, this model's is {}",
+                profile.model_sha256, model_digest
+            ),
+        });
+    }
+    edge_agent::drift::DriftMonitor::new(
+        name.clone(),
+        release,
+        std::sync::Arc::new(profile),
+        &signature.inputs,
+        &signature.outputs,
+    )
+    .map_err(|e| ReleaseError::BadInput {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    })?;
+    Ok(Sha256Digest::of(&bytes))
 }
 
 fn read_case(path: &Path) -> Result<SelfTestCase, ReleaseError> {
