@@ -619,10 +619,9 @@ mod tests {
     /// Two features: one uniform on 0..10 with edges 0..=10, one constant 5.
     fn profile() -> ReferenceProfile {
         let edges: Vec<f64> = (0..=10).map(f64::from).collect();
-        let mut counts = vec![0u64; bin_count(&edges)];
-        for b in 1..=10 {
-            counts[b] = 100;
-        }
+        let mut counts = vec![100u64; bin_count(&edges)];
+        counts[0] = 0;
+        counts[11] = 0;
         let constant = vec![5.0];
         let feature = |element, edges: Vec<f64>, counts: &[u64], mean, std| FeatureProfile {
             name: None,

@@ -392,3 +392,113 @@ impl PredictionSource {
         Ok(rows)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str, shape: Vec<Dim>) -> TensorSpec {
+        TensorSpec {
+            name: name.into(),
+            datatype: ElementType::F32,
+            shape,
+        }
+    }
+
+    #[test]
+    fn images_give_per_channel_mean_and_std_and_tables_give_elements() {
+        let n = || Dim::Symbolic("N".into());
+        let inputs = [
+            spec("table", vec![n(), Dim::Fixed(2)]),
+            spec(
+                "image",
+                vec![n(), Dim::Fixed(2), Dim::Fixed(1), Dim::Fixed(2)],
+            ),
+        ];
+        let sources = feature_sources(&inputs).unwrap();
+        let names: Vec<&str> = sources.iter().map(|(_, n)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "table[0]",
+                "table[1]",
+                "image:mean[0]",
+                "image:std[0]",
+                "image:mean[1]",
+                "image:std[1]"
+            ]
+        );
+        let only: Vec<FeatureSource> = sources.iter().map(|(s, _)| *s).collect();
+        let mut extractor = FeatureExtractor::new(&inputs, &only).unwrap();
+        let tensors = [
+            Tensor {
+                name: "image".into(),
+                shape: vec![2, 2, 1, 2],
+                data: TensorData::F32(vec![1.0, 3.0, 5.0, 5.0, 0.0, 0.0, 2.0, 6.0]),
+            },
+            Tensor {
+                name: "table".into(),
+                shape: vec![2, 2],
+                data: TensorData::F32(vec![7.0, 8.0, 9.0, 10.0]),
+            },
+        ];
+        let mut rows = Vec::new();
+        let count = extractor
+            .for_each_row(&tensors, |r| rows.push(r.to_vec()))
+            .unwrap();
+        assert_eq!(count, 2);
+        assert_eq!(rows[0], [7.0, 8.0, 2.0, 1.0, 5.0, 0.0]);
+        assert_eq!(rows[1], [9.0, 10.0, 0.0, 0.0, 4.0, 2.0]);
+
+        let mut bad = tensors.clone();
+        bad[1].shape = vec![1, 4];
+        assert!(extractor
+            .for_each_row(&bad, |_| panic!("nothing is visited"))
+            .is_err());
+        assert!(feature_sources(&[spec("x", vec![n(), Dim::Symbolic("M".into())])]).is_err());
+    }
+
+    #[test]
+    fn predictions_are_the_argmax_and_its_probability() {
+        let outputs = [
+            spec("label", vec![Dim::Symbolic("N".into())]),
+            spec(
+                "probabilities",
+                vec![Dim::Symbolic("N".into()), Dim::Fixed(3)],
+            ),
+        ];
+        let source = prediction_source(&outputs).unwrap();
+        assert_eq!(
+            source,
+            PredictionSource::Probabilities {
+                output: "probabilities".into(),
+                classes: 3
+            }
+        );
+        let probs = Tensor {
+            name: "probabilities".into(),
+            shape: vec![2, 3],
+            data: TensorData::F32(vec![0.2, 0.5, 0.3, 0.4, 0.4, 0.2]),
+        };
+        let mut seen = Vec::new();
+        source.for_each_row(&[probs], |p| seen.push(p)).unwrap();
+        assert_eq!(
+            seen,
+            [
+                Prediction::Class {
+                    class: 1,
+                    max_prob: 0.5f32 as f64
+                },
+                Prediction::Class {
+                    class: 0,
+                    max_prob: 0.4f32 as f64
+                },
+            ]
+        );
+        let regressor = [spec("y", vec![Dim::Symbolic("N".into()), Dim::Fixed(1)])];
+        assert_eq!(
+            prediction_source(&regressor),
+            Some(PredictionSource::Value { output: "y".into() })
+        );
+    }
+}
