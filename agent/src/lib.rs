@@ -6,6 +6,7 @@
 pub mod config; // agent.toml: documented defaults, paths relative to the file, errors naming the field
 pub mod daemon; // wires the pipeline together and runs it until SIGTERM
 pub mod directive; // directive verification and the per-model install state machine, probation
+pub mod drift; // the drift monitor: per model version, windows of inputs and predictions vs the profile
 pub mod fetch; // chunked, windowed, resumable artifact download bounded by the manifest
 pub mod fsutil; // file helpers: crash-safe writes, streamed file digests
 pub mod health; // device and agent health (sysinfo): CPU, memory, disk, temperatures, RSS, link counters

@@ -16,8 +16,9 @@ use fleet_protocol::manifest::parse_semver;
 use fleet_protocol::tensor::{compare_outputs, Mismatch};
 use fleet_protocol::trust::{verify_artifact, verify_manifest, TrustError};
 use fleet_protocol::{
-    ElementType, Envelope, KeyRing, Manifest, ModelName, ModelVersion, SelfTest, Sha256Digest,
-    SigningKey, Tensor, TensorData, TensorSpec, Tolerance, VerifyingKey, MANIFEST_TYPE, V1,
+    BlobRef, ElementType, Envelope, KeyRing, Manifest, ModelName, ModelVersion, SelfTest,
+    Sha256Digest, SigningKey, Tensor, TensorData, TensorSpec, Tolerance, VerifyingKey,
+    MANIFEST_TYPE, V1,
 };
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -74,6 +75,8 @@ pub struct SignRequest {
     /// The release counter; derived from `version` when it is `N` or `vN`.
     pub release: Option<u64>,
     pub self_test: Option<PathBuf>,
+    /// A reference profile (`fleetctl profile build`) whose SHA-256 the manifest binds.
+    pub profile: Option<PathBuf>,
     pub min_agent_version: Option<String>,
     pub created_at_ms: i64,
 }
@@ -172,6 +175,17 @@ pub fn sign_model(request: &SignRequest, key: &SigningKey) -> Result<Signed, Rel
             detail,
         })?;
 
+    let profile = match &request.profile {
+        Some(profile_path) => Some(check_profile(
+            profile_path,
+            &request.name,
+            release,
+            &onnx,
+            &signature,
+        )?),
+        None => None,
+    };
+
     let manifest = Manifest {
         v: V1,
         name: request.name.clone(),
@@ -182,8 +196,8 @@ pub fn sign_model(request: &SignRequest, key: &SigningKey) -> Result<Signed, Rel
         inputs: signature.inputs,
         outputs: signature.outputs,
         self_test,
-        profile_sha256: None,
-        profile_size: None,
+        profile_sha256: profile.map(|p| p.sha256),
+        profile_size: profile.map(|p| p.size),
         min_agent_version: request.min_agent_version.clone(),
         created_at_ms: request.created_at_ms,
     };
@@ -198,6 +212,48 @@ pub fn sign_model(request: &SignRequest, key: &SigningKey) -> Result<Signed, Rel
         manifest,
         envelope,
         synthetic_self_test: synthetic,
+    })
+}
+
+/// The digest of a profile file's exact bytes, once the profile has been checked against the
+/// model: built from this very ONNX file, for the same inputs, watching an output it has. The
+/// check is the agent's own (`DriftMonitor::new`), so a profile that signs here loads there.
+fn check_profile(
+    path: &Path,
+    name: &ModelName,
+    release: u64,
+    onnx: &[u8],
+    signature: &runtime::ModelSignature,
+) -> Result<BlobRef, ReleaseError> {
+    let (profile, bytes) =
+        crate::profile::read_profile(path).map_err(|e| ReleaseError::BadInput {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        })?;
+    let model_digest = Sha256Digest::of(onnx);
+    if profile.model_sha256 != model_digest {
+        return Err(ReleaseError::BadInput {
+            path: path.to_path_buf(),
+            detail: format!(
+                "the profile was built for the model with sha256 {}, this model's is {}",
+                profile.model_sha256, model_digest
+            ),
+        });
+    }
+    edge_agent::drift::DriftMonitor::new(
+        name.clone(),
+        release,
+        std::sync::Arc::new(profile),
+        &signature.inputs,
+        &signature.outputs,
+    )
+    .map_err(|e| ReleaseError::BadInput {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    })?;
+    Ok(BlobRef {
+        sha256: Sha256Digest::of(&bytes),
+        size: bytes.len() as u64,
     })
 }
 

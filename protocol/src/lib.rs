@@ -8,14 +8,16 @@ pub mod chunk; // chunk requests (JSON) and chunk replies (binary header + data)
 pub mod codec; // encode/decode with size bounds and the `"v": 1` check; DecodeError
 pub mod digest; // SHA-256 digests as hex
 pub mod directive; // Directive: what the fleet key tells one device to run
-pub mod drift; // drift window summaries: mergeable counts plus the device's scores
+pub mod drift; // drift windows (mergeable counts + scores) and the statistics: bins, PSI, effect, CUSUM
 pub mod envelope; // signed envelope: exact payload bytes, type, key id, Ed25519 signature
+pub mod features; // which input/output values the drift monitor watches, read out of a batch
 pub mod histogram; // fixed log-bucket latency histogram shared by agent and server
 pub mod ids; // validated device ids, model names and versions
 pub mod keys; // Ed25519 keys as PEM, key ids, key rings
 pub mod limits; // size bounds and the clock-skew tolerance
 pub mod manifest; // Manifest: what the release key vouches for about a model version
 pub mod outbox; // uplink batches, their item kinds, priorities, and acks
+pub mod profile; // ReferenceProfile: training-data bins and moments, calibrated thresholds
 pub mod sample; // sampled inputs and outputs in a compact binary form (`dgt1`)
 pub mod state; // reported State and online/offline Status
 pub mod tensor; // tensors in Open Inference Protocol JSON, tensor specs, tolerance compare
@@ -31,6 +33,7 @@ pub use ids::{DeviceId, IdentError, ModelName, ModelVersion};
 pub use keys::{KeyId, KeyRing, SigningKey, VerifyingKey};
 pub use manifest::{BlobRef, Manifest, SelfTest};
 pub use outbox::{Ack, Batch, Item, ItemBody};
+pub use profile::ReferenceProfile;
 pub use state::{InstallPhase, ModelState, State, Status};
 pub use tensor::{ElementType, Tensor, TensorData, TensorSpec, Tolerance};
 pub use topics::{TopicKind, Topics};

@@ -20,9 +20,6 @@ pub const MAX_MQTT_PACKET_BYTES: usize = 4 * 1024 * 1024;
 /// Largest model artifact a manifest may declare (2 GiB).
 pub const MAX_ARTIFACT_BYTES: u64 = 2 * 1024 * 1024 * 1024;
 
-/// Largest reference profile (drift bins, proportions and thresholds of every feature).
-pub const MAX_PROFILE_BYTES: usize = 4 * 1024 * 1024;
-
 /// Most input or output tensors a manifest may declare.
 pub const MAX_TENSORS: usize = 64;
 
@@ -35,3 +32,9 @@ pub const MAX_JSON_TENSOR_ELEMENTS: usize = 1 << 20;
 /// Tolerated difference between a device's clock and the server's when checking a
 /// directive's validity window (see [`crate::trust::verify_directive`]).
 pub const CLOCK_SKEW_TOLERANCE_MS: i64 = 15 * 60 * 1000;
+
+/// Largest reference profile file (it ships beside the model, not on a control topic).
+pub const MAX_PROFILE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Most features a reference profile may monitor.
+pub const MAX_PROFILE_FEATURES: usize = 8192;

@@ -347,6 +347,7 @@ fn item_body() -> impl Strategy<Value = ItemBody> {
             psi: f[2],
             effect: f[3],
             drifted,
+            cusum_alarms: missing / 2,
         });
     let prediction = (
         vec(any::<u64>(), 0..10),
@@ -360,6 +361,8 @@ fn item_body() -> impl Strategy<Value = ItemBody> {
                 max_prob_counts,
                 psi,
                 drifted,
+                max_prob_psi: psi / 2.0,
+                value_counts: vec![],
             },
         );
     let drift = (
@@ -388,6 +391,7 @@ fn item_body() -> impl Strategy<Value = ItemBody> {
                     prediction,
                     drifted_share: share,
                     max_score: max,
+                    drifted: share > 0.0,
                 })
             },
         );

@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use fleet_protocol::{KeyId, ModelName, ModelVersion};
-use fleet_server::{keyfile, release};
+use fleet_server::{keyfile, profile, release};
 
 #[derive(Parser)]
 #[command(name = "fleetctl", version, about = "Operate a Driftgate fleet")]
@@ -24,6 +24,52 @@ enum Command {
     /// Model artifacts and their signed manifests.
     #[command(subcommand)]
     Model(ModelCommand),
+    /// Reference profiles for drift monitoring.
+    #[command(subcommand)]
+    Profile(ProfileCommand),
+}
+
+#[derive(Subcommand)]
+enum ProfileCommand {
+    /// Run the model over training data and write its reference profile, with drift
+    /// thresholds calibrated by bootstrap over held-out data so that windows without a shift
+    /// are flagged rarely (about 0.6 % of windows at the defaults).
+    ///
+    /// The sample models' profiles are regenerated with, for example:
+    ///
+    ///   fleetctl profile build --model models/digits-mlp/v2.onnx
+    ///     --data models/data/digits/train.X.npy --holdout models/data/digits/holdout.X.npy
+    ///     --out models/digits-mlp/v2.profile.json
+    ///
+    /// (digits-cnn: add --scale 0.0625). Output is deterministic for the same inputs and seed.
+    Build {
+        /// The ONNX model file (one FP32 or FP64 input).
+        #[arg(long)]
+        model: PathBuf,
+        /// Training data: .npy (float32/float64, [rows, values per row]) or .csv (header row,
+        /// then numbers; empty or `nan` is missing). The reference comes from these rows.
+        #[arg(long)]
+        data: PathBuf,
+        /// Held-out data in the same form: the thresholds are calibrated on windows
+        /// resampled from these rows.
+        #[arg(long)]
+        holdout: PathBuf,
+        /// Where to write the profile JSON.
+        #[arg(long)]
+        out: PathBuf,
+        /// Multiply every data value by this before the model sees it.
+        #[arg(long, default_value_t = 1.0)]
+        scale: f64,
+        /// Seed of the bootstrap.
+        #[arg(long, default_value_t = profile::DEFAULT_SEED)]
+        seed: u64,
+        /// Bootstrap windows per calibrated window length (also the CUSUM's blocks).
+        #[arg(long, default_value_t = profile::DEFAULT_BOOTSTRAP)]
+        bootstrap: u32,
+        /// Replace an existing profile file.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -82,6 +128,10 @@ enum ModelCommand {
         /// Expected outputs are checked against tract; missing ones are computed with tract.
         #[arg(long)]
         self_test: Option<PathBuf>,
+        /// Reference profile (`fleetctl profile build`) to bind into the manifest by its
+        /// SHA-256; it must have been built from this model. Ship the file with the model.
+        #[arg(long)]
+        profile: Option<PathBuf>,
         /// Oldest agent version allowed to install this model (MAJOR.MINOR.PATCH).
         #[arg(long)]
         min_agent_version: Option<String>,
@@ -155,6 +205,7 @@ fn run(cli: Cli) -> Result<()> {
             key,
             release: release_counter,
             self_test,
+            profile: profile_path,
             min_agent_version,
             out,
             force,
@@ -179,6 +230,7 @@ fn run(cli: Cli) -> Result<()> {
                     version,
                     release: release_counter,
                     self_test,
+                    profile: profile_path,
                     min_agent_version,
                     created_at_ms,
                 },
@@ -217,6 +269,47 @@ fn run(cli: Cli) -> Result<()> {
                     if self_test { ", self-test passed" } else { "" }
                 );
             }
+        }
+        Command::Profile(ProfileCommand::Build {
+            model,
+            data,
+            holdout,
+            out,
+            scale,
+            seed,
+            bootstrap,
+            force,
+        }) => {
+            if out.exists() && !force {
+                anyhow::bail!(
+                    "{} already exists; pass --force to replace it",
+                    out.display()
+                );
+            }
+            let mut request = profile::BuildRequest::new(model, data, holdout);
+            request.scale = scale;
+            request.seed = seed;
+            request.bootstrap = bootstrap;
+            let built = profile::build_profile(&request, &mut |line| eprintln!("{line}"))?;
+            let bytes = profile::profile_bytes(&built);
+            edge_agent::fsutil::atomic_write(&out, &bytes)
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "{} features{}, windows {:?}, CUSUM h {:.3}",
+                built.features.len(),
+                if built.prediction.is_some() {
+                    " + prediction"
+                } else {
+                    ""
+                },
+                built.windows,
+                built.cusum.h
+            );
+            println!(
+                "wrote {} (sha256 {})",
+                out.display(),
+                fleet_protocol::Sha256Digest::of(&bytes)
+            );
         }
         Command::Model(ModelCommand::Inspect { model }) => {
             let onnx = std::fs::read(&model).with_context(|| model.display().to_string())?;
@@ -261,6 +354,9 @@ fn print_summary(manifest: &fleet_protocol::Manifest, key_id: &KeyId) {
             spec.datatype,
             spec.shape_display()
         );
+    }
+    if let Some(digest) = &manifest.profile_sha256 {
+        println!("profile  sha256 {digest}");
     }
     println!("signed   by key {key_id}");
 }
