@@ -19,14 +19,14 @@ use fleet_protocol::state::{Presence, Status};
 use fleet_protocol::{encode, KeyRing, TopicKind, V1};
 
 use crate::config::AgentConfig;
-use crate::directive::{check_model, model_ref, AcceptedDirective, Controller};
+use crate::directive::{check_model, model_ref, AcceptedDirective, CheckedModel, Controller};
+use crate::drift::DriftReporter;
 use crate::health::HealthProbe;
 use crate::link::{self, AGENT_VERSION};
 use crate::metrics::Metrics;
 use crate::outbox::{self, Outbox, OutboxLimits};
-use crate::runtime::Plan;
 use crate::sampler::Sampler;
-use crate::serve::{self, ModelTable, ServeConfig, ServeState, ServingModel};
+use crate::serve::{self, ModelTable, ServeConfig, ServeState};
 use crate::store::ModelStore;
 use crate::telemetry::TelemetryRecorder;
 use crate::uplink::{self, UplinkConfig, UplinkStats};
@@ -61,7 +61,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
 
     // Recover: keep the plans that passed, so each model is loaded once.
     let table = Arc::new(ModelTable::new());
-    let plans: Mutex<HashMap<(String, String), Plan>> = Mutex::new(HashMap::new());
+    let plans: Mutex<HashMap<(String, String), CheckedModel>> = Mutex::new(HashMap::new());
     let recoveries = store.recover(&release_keys, |stored| {
         let plan = check_model(stored)?;
         plans.lock().expect("not poisoned").insert(
@@ -84,18 +84,13 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         };
         let stored = store.load(&name, &pointer.active, &release_keys)?;
         let key = (name.to_string(), pointer.active.to_string());
-        let plan = match plans.remove(&key) {
-            Some(plan) => plan,
+        let checked = match plans.remove(&key) {
+            Some(checked) => checked,
             None => check_model(&stored).map_err(anyhow::Error::msg)?,
         };
-        tracing::info!(model = %name, version = %pointer.active, "serving");
+        tracing::info!(model = %name, version = %pointer.active, drift = checked.drift.is_some(), "serving");
         serving.push((name.clone(), model_ref(&stored.manifest)));
-        table.set(Arc::new(ServingModel::new(
-            name,
-            stored.manifest.version.clone(),
-            stored.manifest.release,
-            plan,
-        )));
+        table.set(Arc::new(checked.into_serving(&stored.manifest)));
     }
 
     let metrics = Arc::new(Metrics::new());
@@ -127,7 +122,8 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             max_body_bytes: config.api.max_body_bytes,
         },
     )
-    .with_observer(sampler.clone());
+    .with_observer(sampler.clone())
+    .with_observer(Arc::new(DriftReporter::new(outbox.clone())));
     let mut api_stop = stop_rx.clone();
     let api = tokio::spawn(serve::serve(listener, serve_state, async move {
         let _ = api_stop.wait_for(|stop| *stop).await;

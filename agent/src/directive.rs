@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::config::{AgentConfig, ProbationConfig};
+use crate::drift::DriftMonitor;
 use crate::fetch;
 use crate::fsutil::atomic_write;
 use crate::link::{Inbound, LinkHandle, AGENT_VERSION};
@@ -98,12 +99,41 @@ impl AcceptedDirective {
     }
 }
 
-/// Loads a stored version and runs its self-test: what "valid" means at start and at install.
-pub fn check_model(stored: &StoredModel) -> Result<Plan, String> {
+/// A stored version that passed its checks: the plan to serve, and the drift monitor built
+/// from its reference profile when one ships.
+pub struct CheckedModel {
+    pub plan: Plan,
+    pub drift: Option<DriftMonitor>,
+}
+
+impl CheckedModel {
+    /// The version ready to serve.
+    pub fn into_serving(self, manifest: &Manifest) -> ServingModel {
+        ServingModel::new(
+            manifest.name.clone(),
+            manifest.version.clone(),
+            manifest.release,
+            self.plan,
+        )
+        .with_drift(self.drift)
+    }
+}
+
+/// Loads a stored version, runs its self-test and builds its drift monitor: what "valid" means
+/// at start and at install. A profile that does not fit the model fails the version, like a
+/// failing self-test: it is signed, so it is a release mistake, not something to serve around.
+pub fn check_model(stored: &StoredModel) -> Result<CheckedModel, String> {
     let plan = Plan::load(&stored.onnx, &stored.manifest.inputs).map_err(|e| e.to_string())?;
     plan.self_test(&stored.manifest.self_test)
         .map_err(|e| e.to_string())?;
-    Ok(plan)
+    let drift = match &stored.profile {
+        None => None,
+        Some(bytes) => Some(
+            DriftMonitor::from_manifest(&stored.manifest, bytes)
+                .map_err(|e| format!("reference profile: {e}"))?,
+        ),
+    };
+    Ok(CheckedModel { plan, drift })
 }
 
 /// A model the controller knows nothing about yet.
@@ -192,6 +222,14 @@ impl Controller {
             probation: BTreeMap::new(),
             retry_wanted: false,
             outbox: None,
+        }
+    }
+
+    /// Sends the open drift windows of a version that stopped serving: what it saw until the
+    /// switch is judged on its own, not mixed into its successor's windows.
+    fn close_drift_windows(&self, stopped: Option<Arc<ServingModel>>) {
+        if let (Some(model), Some(outbox)) = (stopped, &self.outbox) {
+            crate::drift::report_windows(outbox, model.drain_drift(now_ms(), true));
         }
     }
 
@@ -613,8 +651,8 @@ impl Controller {
         })
         .await
         .unwrap_or_else(|e| Err(format!("self-test task failed: {e}")));
-        let plan = match checked {
-            Ok(plan) => plan,
+        let checked = match checked {
+            Ok(checked) => checked,
             Err(reason) => {
                 return self
                     .fail(&name, format!("self-test failed: {reason}"))
@@ -626,12 +664,8 @@ impl Controller {
             return self.fail(&name, e.to_string()).await;
         }
         let previous = running;
-        self.table.set(Arc::new(ServingModel::new(
-            name.clone(),
-            manifest.version.clone(),
-            manifest.release,
-            plan,
-        )));
+        let replaced = self.table.set(Arc::new(checked.into_serving(&manifest)));
+        self.close_drift_windows(replaced);
         let before = self.metrics.snapshot_model(&name, &manifest.version);
         self.probation.insert(
             name.clone(),
@@ -688,7 +722,8 @@ impl Controller {
                 None,
                 "the directive no longer names it".into(),
             );
-            self.table.remove(&name);
+            let removed = self.table.remove(&name);
+            self.close_drift_windows(removed);
             self.probation.remove(&name);
             if let Err(e) = self.store.retire(&name) {
                 tracing::warn!(model = %name, error = %e, "cannot remove retired model files");
@@ -761,13 +796,9 @@ impl Controller {
         };
         let manifest = stored.manifest.clone();
         match tokio::task::spawn_blocking(move || check_model(&stored)).await {
-            Ok(Ok(plan)) => {
-                self.table.set(Arc::new(ServingModel::new(
-                    name.clone(),
-                    manifest.version.clone(),
-                    manifest.release,
-                    plan,
-                )));
+            Ok(Ok(checked)) => {
+                let replaced = self.table.set(Arc::new(checked.into_serving(&manifest)));
+                self.close_drift_windows(replaced);
                 self.metrics.record_install("rolled_back");
                 self.record_event(
                     EventKind::RolledBack,

@@ -35,14 +35,20 @@
 //! and, when it starts an alarm episode for that feature, closes the short window at once so
 //! that the alarm reaches the outbox within the row that raised it rather than when the window
 //! fills. An episode ends at the first short window without an alarm on the feature, so a
-//! lasting shift closes one window early, not every window.
+//! lasting shift closes one window early, not every window; and whatever the alarms, at most
+//! one window per short-window length closes early, so the windows of any input stream stay
+//! at most twice as many as its rows divided by that length.
 
 use std::sync::Arc;
 
 use fleet_protocol::codec::{decode, DecodeError};
 use fleet_protocol::drift::{CusumBank, DriftWindow, Prediction, WindowAccumulator};
 use fleet_protocol::features::{ExtractError, FeatureExtractor, PredictionSource};
+use fleet_protocol::outbox::ItemBody;
 use fleet_protocol::{Manifest, ModelName, ReferenceProfile, Sha256Digest, Tensor, TensorSpec};
+
+use crate::outbox::OutboxHandle;
+use crate::serve::{InferenceObserver, ServingModel};
 
 /// Why a monitor could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +82,8 @@ struct State {
     cusum: CusumBank,
     /// Per feature: in an alarm episode (see the module documentation).
     in_episode: Vec<bool>,
+    /// Rows since a CUSUM alarm last closed a short window early.
+    rows_since_early_close: u64,
     /// Scratch: this batch's predictions, row by row.
     predictions: Vec<Prediction>,
     closed: Vec<DriftWindow>,
@@ -152,6 +160,7 @@ impl DriftMonitor {
             tiers,
             cusum: CusumBank::new(&profile),
             in_episode: vec![false; profile.features.len()],
+            rows_since_early_close: u64::MAX,
             predictions: Vec::new(),
             closed: Vec::new(),
             alarms: 0,
@@ -250,6 +259,7 @@ impl DriftMonitor {
         }
         let mut row = 0;
         self.features.for_each_row(inputs, |values| {
+            let short_len = u64::from(state.tiers[0].len);
             let short = &mut state.tiers[0].acc;
             short.add_samples(1, now_ms);
             let mut early = false;
@@ -265,7 +275,15 @@ impl DriftMonitor {
                 short.add_prediction(state.predictions[row], 1);
             }
             row += 1;
-            if early || short.samples() >= u64::from(state.tiers[0].len) {
+            // At most one early close per short-window length: inputs that keep alarming
+            // (a stuck sensor, a lasting shift over many features) would otherwise close a
+            // window every few rows and flood the outbox with near-empty windows.
+            state.rows_since_early_close = state.rows_since_early_close.saturating_add(1);
+            let early = early && state.rows_since_early_close >= short_len;
+            if early {
+                state.rows_since_early_close = 0;
+            }
+            if early || short.samples() >= short_len {
                 state.close_short(profile, model, release, now_ms, false);
             }
         })?;
@@ -363,6 +381,49 @@ fn describe(specs: &[TensorSpec]) -> String {
         .map(|s| format!("{:?} {} {}", s.name, s.datatype, s.shape_display()))
         .collect();
     parts.join(", ")
+}
+
+/// Puts closed drift windows into the outbox (priority Summary: evicted only after every
+/// sample and telemetry item).
+pub fn report_windows(outbox: &OutboxHandle, windows: Vec<DriftWindow>) {
+    for window in windows {
+        let at_ms = window.ended_at_ms;
+        if !outbox.push(at_ms, &ItemBody::Drift(window)) {
+            tracing::warn!("the outbox is closed; a drift window is lost");
+        }
+    }
+}
+
+/// Feeds every successful inference of a version with a monitor into it, and its closed
+/// windows into the outbox.
+pub struct DriftReporter {
+    outbox: OutboxHandle,
+}
+
+impl DriftReporter {
+    pub fn new(outbox: OutboxHandle) -> Self {
+        DriftReporter { outbox }
+    }
+}
+
+impl InferenceObserver for DriftReporter {
+    fn observe(&self, model: &ServingModel, inputs: &[Tensor], outputs: &[Tensor]) {
+        let Some(monitor) = &model.drift else {
+            return;
+        };
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let closed = monitor
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .observe(inputs, outputs, now_ms);
+        // Pushed outside the lock: encoding a window takes microseconds.
+        if !closed.is_empty() {
+            report_windows(&self.outbox, closed);
+        }
+    }
 }
 
 #[cfg(test)]

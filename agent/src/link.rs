@@ -24,6 +24,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fleet_protocol::outbox::Ack;
 use fleet_protocol::state::{Presence, Status};
 use fleet_protocol::{decode, decode_chunk, encode, DeviceId, TopicKind, Topics, V1};
+use rumqttc::mqttbytes::Error as MqttBytesError;
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Packet, Publish, QoS,
     StateError, TlsConfiguration, Transport,
@@ -383,16 +384,25 @@ impl Driver {
                     if self.connected_tx.send_replace(false) {
                         self.stats.disconnects.fetch_add(1, Ordering::Relaxed);
                     }
-                    if let ConnectionError::MqttState(StateError::Deserialization(cause)) = &e {
+                    // rumqttc reports socket errors and oversized outgoing packets through
+                    // the same variant as packets it cannot read; only the last are bad input.
+                    let unreadable = match &e {
+                        ConnectionError::MqttState(StateError::Deserialization(cause)) => {
+                            match cause {
+                                MqttBytesError::Io(_)
+                                | MqttBytesError::OutgoingPacketTooLarge { .. } => None,
+                                MqttBytesError::PayloadSizeLimitExceeded(_) => {
+                                    Some("packet_too_large")
+                                }
+                                _ => Some("undecodable_packet"),
+                            }
+                        }
+                        _ => None,
+                    };
+                    if let Some(reason) = unreadable {
                         // The broker sent a packet this client cannot read (above
                         // `max_packet_bytes`, or not MQTT); the client has to drop the whole
                         // connection. Count it like any other bad message.
-                        let reason = match cause {
-                            rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(_) => {
-                                "packet_too_large"
-                            }
-                            _ => "undecodable_packet",
-                        };
                         self.stats.record_dropped("link", reason);
                         // The broker keeps an undelivered message in the persistent session
                         // and hands it over again at every reconnect (rumqttd even at QoS 0),

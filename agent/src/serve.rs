@@ -16,7 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
@@ -33,6 +33,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 
+use crate::drift::DriftMonitor;
 use crate::metrics::{Metrics, KIND_BAD_REQUEST, KIND_RUNTIME, KIND_TOO_LARGE};
 use crate::runtime::{Plan, RuntimeError};
 
@@ -63,6 +64,8 @@ pub struct ServingModel {
     pub plan: Plan,
     /// Reported in model metadata; always [`PLATFORM_ONNX`] today.
     pub platform: &'static str,
+    /// Watches this version's inputs and predictions, when a reference profile shipped.
+    pub drift: Option<Mutex<DriftMonitor>>,
 }
 
 impl ServingModel {
@@ -73,6 +76,29 @@ impl ServingModel {
             release,
             plan,
             platform: PLATFORM_ONNX,
+            drift: None,
+        }
+    }
+
+    /// With a drift monitor (built from the version's reference profile).
+    pub fn with_drift(mut self, drift: Option<DriftMonitor>) -> Self {
+        self.drift = drift.map(Mutex::new);
+        self
+    }
+
+    /// The drift windows closed by the clock (`flush` false), or every open one (`flush`
+    /// true: the version stops serving, or the agent stops).
+    pub fn drain_drift(&self, now_ms: i64, flush: bool) -> Vec<fleet_protocol::drift::DriftWindow> {
+        let Some(drift) = &self.drift else {
+            return Vec::new();
+        };
+        let mut monitor = drift
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if flush {
+            monitor.flush(now_ms)
+        } else {
+            monitor.poll(now_ms)
         }
     }
 }

@@ -99,6 +99,10 @@ impl TelemetryRecorder {
                 queued += 1;
             }
         }
+        // Drift windows the clock closed (a quiet model still reports within the hour).
+        for model in self.table.list() {
+            crate::drift::report_windows(&self.outbox, model.drain_drift(at_ms, false));
+        }
         if let Some((probe, link)) = &mut self.health {
             // A few dozen small reads of /proc and /sys: well under a millisecond, once an
             // interval, so it stays on this task.
@@ -126,6 +130,14 @@ impl TelemetryRecorder {
                 }
                 _ = stop.wait_for(|stop| *stop) => {
                     self.flush();
+                    // A clean stop: what the monitors hold open is judged and kept.
+                    let at_ms = SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .map(|d| d.as_millis() as i64)
+                        .unwrap_or(0);
+                    for model in self.table.list() {
+                        crate::drift::report_windows(&self.outbox, model.drain_drift(at_ms, true));
+                    }
                     if let Some(sampler) = &self.sampler {
                         sampler.flush(true);
                     }

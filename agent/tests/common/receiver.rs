@@ -61,8 +61,14 @@ impl Receiver {
             let ack_topic = topics.topic(&device, TopicKind::Ack);
             let mut junk = junk_acks.into_iter();
             while let Some(payload) = batches.recv().await {
-                let Ok(batch) = decode::<Batch>(&payload) else {
-                    continue;
+                let batch = match decode::<Batch>(&payload) {
+                    Ok(batch) => batch,
+                    Err(e) => {
+                        // A server would drop it and never ack: say why, so a test that then
+                        // times out is not a mystery.
+                        eprintln!("receiver: dropped a batch of {} bytes: {e}", payload.len());
+                        continue;
+                    }
                 };
                 let up_to = {
                     let mut store = store.lock().unwrap();
