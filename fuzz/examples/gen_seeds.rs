@@ -253,6 +253,41 @@ fn main() {
     for (name, bytes) in &messages {
         write("decode_messages", name, bytes);
     }
+    // Reference profiles as `fleetctl profile build` writes them: the two smallest committed
+    // ones (a rank-4 image input with derived features, and a tabular classifier).
+    let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models");
+    for (name, file) in [
+        ("profile-digits-cnn.json", "digits-cnn/v1.profile.json"),
+        ("profile-wine.json", "wine-forest/v1.profile.json"),
+    ] {
+        let bytes = fs::read(models.join(file)).unwrap();
+        if let Err(e) = decode::<ReferenceProfile>(&bytes) {
+            panic!("seed {file} does not decode: {e}");
+        }
+        write("decode_messages", name, &bytes);
+    }
+
+    // sample_binary: a classifier's inputs and outputs, and a boolean tensor.
+    let input = Tensor::new(
+        "input",
+        vec![1, 4],
+        TensorData::F32(vec![0.5, -1.0, 3.25, 16.0]),
+    )
+    .unwrap();
+    let label = Tensor::new("label", vec![1], TensorData::I64(vec![3])).unwrap();
+    let probabilities = Tensor::new(
+        "probabilities",
+        vec![1, 2],
+        TensorData::F32(vec![0.25, 0.75]),
+    )
+    .unwrap();
+    write(
+        "sample_binary",
+        "classifier.bin",
+        &sample::encode(&[input], &[label, probabilities]),
+    );
+    let mask = Tensor::new("mask", vec![3], TensorData::Bool(vec![true, false, true])).unwrap();
+    write("sample_binary", "bool.bin", &sample::encode(&[mask], &[]));
 
     // chunk_reply
     let header = |status| ChunkHeader {

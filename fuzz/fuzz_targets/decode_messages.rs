@@ -11,7 +11,9 @@
 use std::fmt::Debug;
 
 use fleet_protocol::codec::{decode, encode, WireMessage};
-use fleet_protocol::{Ack, Batch, ChunkRequest, Directive, Envelope, Manifest, State, Status};
+use fleet_protocol::{
+    Ack, Batch, ChunkRequest, Directive, Envelope, Manifest, ReferenceProfile, State, Status,
+};
 use libfuzzer_sys::fuzz_target;
 
 fn round_trip<M: WireMessage + PartialEq + Debug>(data: &[u8]) {
@@ -58,4 +60,5 @@ fuzz_target!(|data: &[u8]| {
     round_trip::<Batch>(data);
     round_trip::<Ack>(data);
     round_trip::<ChunkRequest>(data);
+    round_trip::<ReferenceProfile>(data);
 });
