@@ -103,6 +103,7 @@ pub async fn run(
                 let batch = Batch {
                     v: V1,
                     device: link.device().clone(),
+                    after: Some(sent),
                     items,
                 };
                 if link.publish(TopicKind::Up, encode(&batch)).await.is_err() {

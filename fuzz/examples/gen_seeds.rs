@@ -202,6 +202,7 @@ fn batch() -> Batch {
     Batch {
         v: V1,
         device: verify_input::device(),
+        after: Some(99),
         items: bodies
             .into_iter()
             .enumerate()

@@ -86,6 +86,84 @@ pub struct PredictionWindow {
 }
 
 impl DriftWindow {
+    /// Adds another window of the same model release and profile into this one: counts,
+    /// sums and alarms add, so merging is exact and in any order. Scores are left as they
+    /// were; call [`score`] on the result. Refused when the shapes differ.
+    pub fn merge(&mut self, other: &DriftWindow) -> Result<(), ScoreError> {
+        fn add<T: Copy + std::ops::AddAssign>(
+            what: &str,
+            into: &mut [T],
+            from: &[T],
+        ) -> Result<(), ScoreError> {
+            if into.len() != from.len() {
+                return Err(ScoreError(format!(
+                    "{what}: {} values against {}",
+                    into.len(),
+                    from.len()
+                )));
+            }
+            for (a, &b) in into.iter_mut().zip(from) {
+                *a += b;
+            }
+            Ok(())
+        }
+        if self.model != other.model || self.release != other.release {
+            return Err(ScoreError(format!(
+                "{}@{} cannot merge with {}@{}",
+                self.model, self.release, other.model, other.release
+            )));
+        }
+        if self.features.len() != other.features.len() {
+            return Err(ScoreError(format!(
+                "{} features against {}",
+                self.features.len(),
+                other.features.len()
+            )));
+        }
+        // Check every shape before changing anything, so a refused merge leaves self as it was.
+        for (a, b) in self.features.iter().zip(&other.features) {
+            if a.counts.len() != b.counts.len() {
+                return Err(ScoreError(format!("feature {}: bins differ", a.index)));
+            }
+        }
+        match (&self.prediction, &other.prediction) {
+            (Some(a), Some(b))
+                if a.class_counts.len() != b.class_counts.len()
+                    || a.max_prob_counts.len() != b.max_prob_counts.len()
+                    || a.value_counts.len() != b.value_counts.len() =>
+            {
+                return Err(ScoreError("prediction bins differ".into()));
+            }
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(ScoreError(
+                    "one window has a prediction, the other not".into(),
+                ));
+            }
+            _ => {}
+        }
+        for (a, b) in self.features.iter_mut().zip(&other.features) {
+            add("feature counts", &mut a.counts, &b.counts)?;
+            a.missing += b.missing;
+            a.sum += b.sum;
+            a.sum_sq += b.sum_sq;
+            a.cusum_alarms += b.cusum_alarms;
+        }
+        if let (Some(a), Some(b)) = (&mut self.prediction, &other.prediction) {
+            add("class counts", &mut a.class_counts, &b.class_counts)?;
+            add(
+                "max-probability counts",
+                &mut a.max_prob_counts,
+                &b.max_prob_counts,
+            )?;
+            add("value counts", &mut a.value_counts, &b.value_counts)?;
+        }
+        self.samples += other.samples;
+        self.started_at_ms = self.started_at_ms.min(other.started_at_ms);
+        self.ended_at_ms = self.ended_at_ms.max(other.ended_at_ms);
+        self.drifted |= other.drifted;
+        Ok(())
+    }
+
     pub(crate) fn validate(&self) -> Result<(), String> {
         if self.ended_at_ms < self.started_at_ms {
             return Err("drift window ends before it starts".into());
@@ -807,6 +885,39 @@ mod tests {
         let mut rescored: DriftWindow = w2.clone();
         score(&p, &mut rescored).unwrap();
         assert_eq!(rescored, w2);
+    }
+
+    #[test]
+    fn merged_wire_windows_equal_one_window_over_all_rows() {
+        let p = profile();
+        let model = ModelName::new("m").unwrap();
+        let rows: Vec<(f64, f64)> = (0..600)
+            .map(|i| ((i * 13 % 100) as f64 / 10.0, 5.0))
+            .collect();
+        let mut whole = WindowAccumulator::new(&p);
+        fill(&mut whole, rows.iter().copied());
+        let mut a = WindowAccumulator::new(&p);
+        let mut b = WindowAccumulator::new(&p);
+        fill(&mut a, rows[..256].iter().copied());
+        fill(&mut b, rows[256..].iter().copied());
+        let mut merged = a.window(&p, &model, 1, 256, 10);
+        merged.merge(&b.window(&p, &model, 1, 256, 20)).unwrap();
+        score(&p, &mut merged).unwrap();
+        let expected = whole.window(&p, &model, 1, 256, 20);
+        assert_eq!(merged.samples, 600);
+        assert_eq!(merged.features[0].counts, expected.features[0].counts);
+        assert_eq!(merged.prediction, expected.prediction);
+        assert!((merged.features[0].psi - expected.features[0].psi).abs() < 1e-12);
+        assert!((merged.features[0].sum - expected.features[0].sum).abs() < 1e-9);
+
+        // Another release, or another shape, is refused and changes nothing.
+        let before = merged.clone();
+        let other = b.window(&p, &model, 2, 256, 20);
+        assert!(merged.merge(&other).is_err());
+        let mut cut = b.window(&p, &model, 1, 256, 20);
+        cut.features[0].counts.pop();
+        assert!(merged.merge(&cut).is_err());
+        assert_eq!(merged, before);
     }
 
     #[test]

@@ -20,6 +20,11 @@ use crate::limits;
 pub struct Batch {
     pub v: V1,
     pub device: DeviceId,
+    /// The id the agent had sent up to before this batch (the previous batch's last id, or
+    /// the last acknowledged id after a rewind). The server acks this batch only when it
+    /// holds everything up to `after`, so a lost batch is resent rather than skipped over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<u64>,
     pub items: Vec<Item>,
 }
 
@@ -34,6 +39,11 @@ impl WireMessage for Batch {
                 self.items.len(),
                 limits::MAX_BATCH_ITEMS
             ));
+        }
+        if let (Some(after), Some(first)) = (self.after, self.items.first()) {
+            if first.id <= after {
+                return Err(format!("first item id {} is not after {after}", first.id));
+            }
         }
         if self.items.windows(2).any(|w| w[0].id >= w[1].id) {
             return Err("item ids are not strictly increasing".into());
