@@ -442,6 +442,8 @@ fn batch() -> impl Strategy<Value = Batch> {
         .prop_map(|(device, ids, bodies)| Batch {
             v: V1,
             device,
+            // Before the first id, when there is one: what the agent sends.
+            after: ids.iter().next().and_then(|first| first.checked_sub(1)),
             items: ids
                 .into_iter()
                 .zip(bodies)
