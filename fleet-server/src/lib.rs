@@ -1,8 +1,24 @@
-//! `fleet-server`: Driftgate's control plane, and the library behind the `fleetctl` CLI.
+//! `fleet-server`: Driftgate's control plane, and the library behind the `fleet-server` and
+//! `fleetctl` binaries.
 //!
-//! Today it holds the offline release tooling; the server itself (embedded broker, store,
-//! registry, ingest, rollouts, REST API, console) builds on the same protocol crate.
+//! One process is the whole fleet's control plane by default: an embedded MQTT broker, a
+//! SQLite store, ingest, the artifact server and the REST API. The same code runs against an
+//! external broker (Mosquitto, EMQX) and PostgreSQL when one machine is not enough.
 
+pub mod api; // REST API (axum): models, devices, telemetry, drift, tokens; OpenAPI; /metrics
+pub mod artifacts; // answers chunk requests from blob files: assigned blobs only, bounded, rate-limited
+pub mod auth; // bearer tokens with roles viewer < operator < admin, stored hashed
+pub mod broker; // the embedded MQTT broker (rmqtt): mTLS, CN identity, per-device topic ACL
+pub mod bus; // the server's own MQTT session: subscribes to device topics, routes, publishes
+pub mod ca; // the device CA: device and broker certificates, the CRL
+pub mod client; // fleetctl's REST client: tokens from flags, env or file; uploads with progress
+pub mod config; // server.toml: documented defaults, paths relative to the file, flag overrides
+pub mod fleet; // operations: enroll, revoke, assign; signed directives with persisted sequences
+pub mod ingest; // up/state/status into the store, idempotent by (device, item id), ack after commit
 pub mod keyfile; // key files on disk: PKCS#8 PEM private keys (0600), SPKI PEM public keys
+pub mod metrics; // the server's counters in Prometheus text
 pub mod profile; // fleetctl profile build: reference profiles from data, thresholds calibrated by bootstrap
+pub mod registry; // signed manifests and content-addressed blobs: push, verify, delete
 pub mod release; // signing a model's manifest, verifying a model against its manifest
+pub mod server; // wires it all together: data dir, keys, store, broker, session, workers, API
+pub mod store; // one SQL layer over SQLite and PostgreSQL (sqlx Any), with migrations

@@ -34,3 +34,103 @@ pub fn workspace_root() -> PathBuf {
 pub fn python() -> String {
     std::env::var("DRIFTGATE_PYTHON").unwrap_or_else(|_| "python3".to_string())
 }
+
+/// A workspace binary built by `cargo test --workspace` (which builds every package's
+/// binaries before running tests), in the same target dir as this test.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test knows its own path");
+    // target/debug/deps/this-test → target/debug/NAME
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test executables live in target/PROFILE/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test --workspace`, or build it first \
+         (cargo build -p fleet-server -p edge-agent)",
+        path.display()
+    );
+    path
+}
+
+/// A free TCP port on 127.0.0.1 (free now; a race with another process is possible).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// Polls `check` every 100 ms until it returns Some, or panics with `what` after `timeout`.
+pub fn wait_for<T>(
+    what: &str,
+    timeout: std::time::Duration,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// A child process, killed when dropped; its stderr goes to a log file whose tail is
+/// printed if the test fails while it runs.
+pub struct Process {
+    pub name: String,
+    pub child: std::process::Child,
+    pub log: PathBuf,
+}
+
+impl Process {
+    /// Starts `program args…` with stdout and stderr into `log`.
+    pub fn start(name: &str, command: &mut std::process::Command, log: PathBuf) -> Process {
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = command
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Process {
+            name: name.to_string(),
+            child,
+            log,
+        }
+    }
+
+    /// The last lines of the log.
+    pub fn tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Panics (with the log's tail) if the process has exited.
+    pub fn assert_running(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!("{} exited with {status}:\n{}", self.name, self.tail(40));
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- {} (last lines of {}) ---\n{}",
+                self.name,
+                self.log.display(),
+                self.tail(30)
+            );
+        }
+    }
+}

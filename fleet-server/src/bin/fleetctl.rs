@@ -9,11 +9,16 @@ use clap::{Parser, Subcommand, ValueEnum};
 use fleet_protocol::{KeyId, ModelName, ModelVersion};
 use fleet_server::{keyfile, profile, release};
 
+#[path = "fleetctl/online.rs"]
+mod online;
+
 #[derive(Parser)]
 #[command(name = "fleetctl", version, about = "Operate a Driftgate fleet")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    server: online::ServerArgs,
 }
 
 #[derive(Subcommand)]
@@ -27,6 +32,22 @@ enum Command {
     /// Reference profiles for drift monitoring.
     #[command(subcommand)]
     Profile(ProfileCommand),
+    /// Devices: enroll, list, show, assign, revoke (online).
+    #[command(subcommand)]
+    Device(online::DeviceCommand),
+    /// A model version's telemetry across the fleet (online).
+    Telemetry {
+        /// MODEL@VERSION
+        model: String,
+    },
+    /// A model version's drift: per device, and per cohort with --label (online).
+    Drift {
+        /// MODEL@VERSION
+        model: String,
+        /// Merge devices into cohorts by this label, for example site.
+        #[arg(long)]
+        label: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -164,6 +185,9 @@ enum ModelCommand {
         /// The ONNX model file.
         model: PathBuf,
     },
+    /// The server's registry (online): push, list, show, delete.
+    #[command(flatten)]
+    Registry(online::RegistryCommand),
 }
 
 fn main() -> ExitCode {
@@ -178,6 +202,10 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Model(ModelCommand::Registry(command)) => online::registry(command, &cli.server)?,
+        Command::Device(command) => online::device(command, &cli.server)?,
+        Command::Telemetry { model } => online::telemetry(&model, &cli.server)?,
+        Command::Drift { model, label } => online::drift(&model, label.as_deref(), &cli.server)?,
         Command::Keys(KeysCommand::Gen { out, name }) => {
             let key = keyfile::generate(&out, name.file_stem())?;
             println!("key id   {}", key.key_id);

@@ -1,0 +1,729 @@
+//! The REST API (`/api/v1/…`), its OpenAPI document, and `/metrics`.
+//!
+//! Every route but the OpenAPI document, the health check and `/metrics` needs a bearer token;
+//! each handler states the least role it needs. Errors are JSON with a stable code:
+//! `{"error": {"code": "not_found", "message": "no device dev-9"}}`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use fleet_protocol::drift::{score, DriftWindow};
+use fleet_protocol::histogram::LatencyHistogram;
+use fleet_protocol::{decode, ModelName, ModelVersion, ReferenceProfile};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::auth::{self, AuthError, Role};
+use crate::fleet::{Fleet, FleetError};
+use crate::registry::{PushOutcome, Registry, RegistryError};
+use crate::store::{MergedDrift, StoreError};
+
+/// The OpenAPI 3.1 document, served as is.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// An API error: HTTP status, stable code, human message.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+    fn invalid(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+    }
+    fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+    fn internal(e: impl std::fmt::Display) -> ApiError {
+        tracing::error!(error = %e, "API request failed");
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(json!({"error": {"code": self.code, "message": self.message}})),
+        )
+            .into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        match e {
+            StoreError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
+            other => ApiError::internal(other),
+        }
+    }
+}
+
+impl From<FleetError> for ApiError {
+    fn from(e: FleetError) -> ApiError {
+        match e {
+            FleetError::NotFound(m) => ApiError::not_found(m),
+            FleetError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
+            FleetError::Invalid(m) => ApiError::invalid(m),
+            FleetError::Registry(e) => e.into(),
+            other => ApiError::internal(other),
+        }
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> ApiError {
+        match e {
+            RegistryError::Untrusted(_) | RegistryError::NoTrustedKeys => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "untrusted_manifest",
+                e.to_string(),
+            ),
+            RegistryError::BadEnvelope(_) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_manifest", e.to_string())
+            }
+            RegistryError::Mismatch(_) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "artifact_mismatch",
+                e.to_string(),
+            ),
+            RegistryError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
+            RegistryError::NotFound(m) => ApiError::not_found(format!("no model {m}")),
+            RegistryError::Store(e) => e.into(),
+            RegistryError::Io(e) => ApiError::internal(e),
+        }
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// Checks the bearer token and that its role is at least `needed`.
+async fn authorize(fleet: &Fleet, headers: &HeaderMap, needed: Role) -> ApiResult<Role> {
+    let presented = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let unauthorized =
+        |e: AuthError| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string());
+    let Some(presented) = presented else {
+        return Err(unauthorized(AuthError::Missing));
+    };
+    let (_, role) = auth::authenticate(&fleet.store, presented)
+        .await
+        .map_err(unauthorized)?;
+    if role < needed {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("this needs the {needed} role; the token has {role}"),
+        ));
+    }
+    Ok(role)
+}
+
+/// The router, with every route.
+pub fn router(fleet: Arc<Fleet>) -> Router {
+    let max_upload = usize::try_from(fleet.config.api.max_upload_bytes).unwrap_or(usize::MAX);
+    Router::new()
+        .route("/api/v1/openapi.json", get(openapi))
+        .route("/api/v1/health", get(health))
+        .route("/metrics", get(metrics))
+        .route(
+            "/api/v1/models",
+            get(list_models)
+                .post(push_model)
+                .layer(DefaultBodyLimit::max(max_upload)),
+        )
+        .route(
+            "/api/v1/models/{name}/{version}",
+            get(show_model).delete(delete_model),
+        )
+        .route(
+            "/api/v1/models/{name}/{version}/telemetry",
+            get(model_telemetry),
+        )
+        .route("/api/v1/models/{name}/{version}/drift", get(model_drift))
+        .route("/api/v1/devices", get(list_devices).post(enroll_device))
+        .route("/api/v1/devices/{id}", get(show_device))
+        .route("/api/v1/devices/{id}/assign", post(assign_model))
+        .route(
+            "/api/v1/devices/{id}/models/{model}",
+            axum::routing::delete(unassign_model),
+        )
+        .route("/api/v1/devices/{id}/revoke", post(revoke_device))
+        .route("/api/v1/devices/{id}/items", get(device_items))
+        .route("/api/v1/tokens", post(create_token))
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .layer(axum::middleware::from_fn_with_state(
+            fleet.clone(),
+            count_responses,
+        ))
+        .with_state(fleet)
+}
+
+async fn count_responses(
+    State(fleet): State<Arc<Fleet>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let method = request.method().to_string();
+    let response = next.run(request).await;
+    fleet
+        .metrics
+        .api_response(&method, response.status().as_u16());
+    response
+}
+
+async fn openapi() -> impl IntoResponse {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        OPENAPI,
+    )
+}
+
+async fn health() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn metrics(State(fleet): State<Arc<Fleet>>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        fleet.metrics.render(),
+    )
+}
+
+// ---- models ------------------------------------------------------------------------------
+
+fn check_model_path(name: &str, version: &str) -> ApiResult<()> {
+    ModelName::new(name).map_err(|e| ApiError::invalid(e.to_string()))?;
+    ModelVersion::new(version).map_err(|e| ApiError::invalid(e.to_string()))?;
+    Ok(())
+}
+
+async fn list_models(
+    State(fleet): State<Arc<Fleet>>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Value>> {
+    authorize(&fleet, &headers, Role::Viewer).await?;
+    let models = fleet.store.models().await?;
+    Ok(Json(json!({ "models": models })))
+}
+
+/// `multipart/form-data` with the parts `manifest` (the signed envelope, first), `artifact`
+/// and, when the manifest names one, `profile`. Blobs stream to disk as they arrive.
+async fn push_model(
+    State(fleet): State<Arc<Fleet>>,
+    headers: HeaderMap,
+    mut multipart: Multipart,
+) -> ApiResult<Response> {
+    authorize(&fleet, &headers, Role::Operator).await?;
+    let bad_part = |e: axum::extract::multipart::MultipartError| {
+        ApiError::new(
+            e.status(),
+            "invalid_request",
+            format!("upload: {}", e.body_text()),
+        )
+    };
+    let mut manifest = None;
+    let mut artifact = None;
+    let mut profile = None;
+    while let Some(mut field) = multipart.next_field().await.map_err(bad_part)? {
+        let name = field.name().unwrap_or_default().to_string();
+        match name.as_str() {
+            "manifest" => {
+                let bytes = field.bytes().await.map_err(bad_part)?;
+                if bytes.len() > fleet_protocol::limits::MAX_CONTROL_MESSAGE_BYTES {
+                    return Err(ApiError::invalid("the manifest is larger than 1 MiB"));
+                }
+                let (_, m) = fleet.registry.verify_envelope(&bytes)?;
+                manifest = Some((bytes.to_vec(), m));
+            }
+            "artifact" | "profile" => {
+                let Some((_, m)) = &manifest else {
+                    return Err(ApiError::invalid(
+                        "send the `manifest` part before the artifact and profile",
+                    ));
+                };
+                let limit = if name == "artifact" {
+                    m.size
+                } else {
+                    m.profile_size.unwrap_or(0)
+                };
+                let mut staged = fleet
+                    .registry
+                    .blobs()
+                    .stage()
+                    .await
+                    .map_err(ApiError::internal)?;
+                staged.limit(limit);
+                while let Some(chunk) = field.chunk().await.map_err(bad_part)? {
+                    staged.write(&chunk).await?;
+                }
+                if name == "artifact" {
+                    artifact = Some(staged);
+                } else {
+                    profile = Some(staged);
+                }
+            }
+            other => {
+                return Err(ApiError::invalid(format!(
+                    "unknown part {other:?}; expected manifest, artifact, profile"
+                )))
+            }
+        }
+    }
+    let Some((manifest_bytes, manifest)) = manifest else {
+        return Err(ApiError::invalid("no `manifest` part"));
+    };
+    let Some(artifact) = artifact else {
+        return Err(ApiError::invalid("no `artifact` part"));
+    };
+    let outcome = fleet
+        .registry
+        .push(&manifest_bytes, &manifest, artifact, profile)
+        .await?;
+    let record = fleet
+        .store
+        .model(manifest.name.as_str(), manifest.version.as_str())
+        .await?
+        .ok_or_else(|| ApiError::internal("the pushed model vanished"))?;
+    let status = match outcome {
+        PushOutcome::Stored => StatusCode::CREATED,
+        PushOutcome::AlreadyPresent => StatusCode::OK,
+    };
+    Ok((
+        status,
+        Json(json!({ "model": record, "stored": outcome == PushOutcome::Stored })),
+    )
+        .into_response())
+}
+
+async fn show_model(
+    State(fleet): State<Arc<Fleet>>,
+    headers: HeaderMap,
+    Path((name, version)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    authorize(&fleet, &headers, Role::Viewer).await?;
+    check_model_path(&name, &version)?;
+    let record = fleet
+        .store
+        .model(&name, &version)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no model {name}@{version}")))?;
+    let (envelope, manifest) = Registry::manifest_of(&record)?;
+    Ok(Json(json!({
+        "model": record,
+        "manifest": manifest,
+        "signed_by": envelope.key_id.to_string(),
+    })))
+}
+
+async fn delete_model(
+    State(fleet): State<Arc<Fleet>>,
+    headers: HeaderMap,
+    Path((name, version)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    authorize(&fleet, &headers, Role::Operator).await?;
+    check_model_path(&name, &version)?;
+    fleet.registry.delete(&name, &version).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize)]
+struct TelemetryQuery {
+    #[serde(default)]
+    since_ms: i64,
+    #[serde(default = "default_limit")]
+    limit: i64,
+}
+
+fn default_limit() -> i64 {
+    1000
+}
+
+/// Telemetry of one model version across the fleet: the series (one row per device and
+/// interval) and the totals, with latency quantiles from the merged histograms.
+async fn model_telemetry(
+    State(fleet): State<Arc<Fleet>>,
+    headers: HeaderMap,
+    Path((name, version)): Path<(String, String)>,
+    Query(q): Query<TelemetryQuery>,
+) -> ApiResult<Json<Value>> {
+    authorize(&fleet, &headers, Role::Viewer).await?;
+    check_model_path(&name, &version)?;
+    let record = fleet
+        .store
+        .model(&name, &version)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no model {name}@{version}")))?;
+    let items = fleet
+        .store
+        .telemetry(&name, record.release, q.since_ms, q.limit.clamp(1, 10_000))
+        .await?;
+    let mut series = Vec::new();
+    let mut total_latency = LatencyHistogram::default();
+    let mut inferences = 0u64;
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    let mut devices = std::collections::BTreeSet::new();
+    for item in items {
+        let Ok(t) = serde_json::from_value::<fleet_protocol::outbox::ItemBody>(item.body) else {
+            continue;
+        };
+        let fleet_protocol::outbox::ItemBody::Telemetry(t) = t else {
+            continue;
+        };
+        inferences += t.inferences;
+        for (kind, n) in &t.errors {
+            *errors.entry(kind.clone()).or_default() += n;
+        }
+        total_latency.merge(&t.latency);
+        devices.insert(item.device.clone());
+        series.push(json!({
+            "device": item.device,
+            "at_ms": item.at_ms,
+            "interval_ms": t.interval_ms,
+            "inferences": t.inferences,
+            "errors": t.errors,
+            "p50_us": t.latency.quantile_us(0.5),
+            "p95_us": t.latency.quantile_us(0.95),
+        }));
+    }
+    Ok(Json(json!({
+        "model": name,
+        "version": version,
+        "release": record.release,
+        "totals": {
+            "devices": devices.len(),
+            "inferences": inferences,
+            "errors": errors,
+            "p50_us": total_latency.quantile_us(0.5),
+            "p95_us": total_latency.quantile_us(0.95),
+            "p99_us": total_latency.quantile_us(0.99),
+        },
+        "series": series,
+    })))
+}
+
+#[derive(Debug, Deserialize)]
+struct DriftQuery {
+    /// Group devices into cohorts by this label's value.
+    #[serde(default)]
+    label: Option<String>,
+}
+
+/// Drift of one model version: per device (its windows merged, counts added), and per cohort
+/// when `?label=KEY` is given; every merged window re-scored against the model's profile.
+async fn model_drift(
+    State(fleet): State<Arc<Fleet>>,
+    headers: HeaderMap,
+    Path((name, version)): Path<(String, String)>,
+    Query(q): Query<DriftQuery>,
+) -> ApiResult<Json<Value>> {
+    authorize(&fleet, &headers, Role::Viewer).await?;
+    check_model_path(&name, &version)?;
+    let record = fleet
+        .store
+        .model(&name, &version)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no model {name}@{version}")))?;
+    let profile = match &record.profile_sha256 {
+        Some(sha) => {
+            let path = fleet.registry.blobs().path(sha);
+            let bytes = tokio::fs::read(&path).await.map_err(ApiError::internal)?;
+            Some(decode::<ReferenceProfile>(&bytes).map_err(ApiError::internal)?)
+        }
+        None => None,
+    };
+    let merged = fleet.store.drift(&name, record.release).await?;
+    let devices: Vec<Value> = merged
+        .iter()
+        .map(|m| {
+            drift_summary(
+                json!({"device": m.device}),
+                m,
+                profile.as_ref(),
+                m.merged.clone(),
+            )
+        })
+        .collect();
+    let mut cohorts = Vec::new();
+    if let Some(key) = &q.label {
+        let mut by_value: BTreeMap<(String, i64), Vec<&MergedDrift>> = BTreeMap::new();
+        for device in fleet.store.devices().await? {
+            let Some(value) = device.labels.get(key) else {
+                continue;
+            };
+            for m in merged.iter().filter(|m| m.device == device.id) {
+                by_value
+                    .entry((value.clone(), m.window_len))
+                    .or_default()
+                    .push(m);
+            }
+        }
+        for ((value, _), parts) in by_value {
+            let mut window = parts[0].merged.clone();
+            let mut total = MergedDrift {
+                merged: window.clone(),
+                ..parts[0].clone()
+            };
+            for part in &parts[1..] {
+                if window.merge(&part.merged).is_err() {
+                    continue;
+                }
+                total.windows += part.windows;
+                total.flagged += part.flagged;
+                total.first_ms = total.first_ms.min(part.first_ms);
+                total.last_ms = total.last_ms.max(part.last_ms);
+            }
+            let devices: Vec<&str> = parts.iter().map(|p| p.device.as_str()).collect();
+            cohorts.push(drift_summary(
+                json!({"label": key, "value": value, "devices": devices}),
+                &total,
+                profile.as_ref(),
+                window,
+            ));
+        }
+    }
+    Ok(Json(json!({
+        "model": name,
+        "version": version,
+        "release": record.release,
+        "profile": record.profile_sha256,
+        "devices": devices,
+        "cohorts": cohorts,
+    })))
+}
+
+fn drift_summary(
+    mut head: Value,
+    m: &MergedDrift,
+    profile: Option<&ReferenceProfile>,
+    mut window: DriftWindow,
+) -> Value {
+    // Re-score the merged counts: the merged window is judged as one long window.
+    let rescored = profile.is_some_and(|p| score(p, &mut window).is_ok());
+    let features: Vec<Value> = window
+        .features
+        .iter()
+        .map(|f| json!({"index": f.index, "psi": f.psi, "effect": f.effect, "drifted": f.drifted, "cusum_alarms": f.cusum_alarms}))
+        .collect();
+    if let Value::Object(map) = &mut head {
+        for (k, v) in [
+            ("window_len", json!(m.window_len)),
+            ("windows", json!(m.windows)),
+            ("flagged_windows", json!(m.flagged)),
+            ("samples", json!(window.samples)),
+            ("first_ms", json!(m.first_ms)),
+            ("last_ms", json!(m.last_ms)),
+            ("rescored", json!(rescored)),
+            ("drifted", json!(window.drifted)),
+            ("drifted_share", json!(window.drifted_share)),
+            ("max_score", json!(window.max_score)),
+            (
+                "prediction_psi",
+                json!(window.prediction.as_ref().map(|p| p.psi)),
+            ),
+            ("features", json!(features)),
+        ] {
+            map.insert(k.to_string(), v);
+        }
+    }
+    head
+}
+
+// ---- devices -----------------------------------------------------------------------------
+
+async fn list_devices(
+    State(fleet): State<Arc<Fleet>>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Value>> {
+    authorize(&fleet, &headers, Role::Viewer).await?;
+    let devices = fleet.store.devices().await?;
+    Ok(Json(json!({ "devices": devices })))
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+pub struct EnrollRequest {
+    pub id: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Where the device's local inference API listens (written into its agent.toml).
+    #[serde(default)]
+    pub api_listen: Option<String>,
+}
+
+async fn enroll_device(
+    State(fleet): State<Arc<Fleet>>,
+    headers: HeaderMap,
+    body: Result<Json<EnrollRequest>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    authorize(&fleet, &headers, Role::Operator).await?;
+    let Json(request) = body.map_err(|e| ApiError::invalid(e.body_text()))?;
+    let bundle = fleet
+        .enroll(&request.id, request.labels, request.api_listen)
+        .await?;
+    Ok((StatusCode::CREATED, Json(json!({ "bundle": bundle }))))
+}
+
+async fn show_device(
+    State(fleet): State<Arc<Fleet>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    authorize(&fleet, &headers, Role::Viewer).await?;
+    let device = fleet
+        .store
+        .device(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no device {id}")))?;
+    let assignments = fleet.store.assignments(&id).await?;
+    let items = fleet.store.item_counts(Some(&id)).await?;
+    Ok(Json(json!({
+        "device": device,
+        "assignments": assignments,
+        "items": items,
+    })))
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+pub struct AssignRequest {
+    pub model: String,
+    pub version: String,
+}
+
+async fn assign_model(
+    State(fleet): State<Arc<Fleet>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<Json<AssignRequest>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<Json<Value>> {
+    authorize(&fleet, &headers, Role::Operator).await?;
+    let Json(request) = body.map_err(|e| ApiError::invalid(e.body_text()))?;
+    let seq = fleet.assign(&id, &request.model, &request.version).await?;
+    Ok(Json(json!({ "device": id, "directive_seq": seq })))
+}
+
+async fn unassign_model(
+    State(fleet): State<Arc<Fleet>>,
+    headers: HeaderMap,
+    Path((id, model)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    authorize(&fleet, &headers, Role::Operator).await?;
+    let seq = fleet.unassign(&id, &model).await?;
+    Ok(Json(json!({ "device": id, "directive_seq": seq })))
+}
+
+async fn revoke_device(
+    State(fleet): State<Arc<Fleet>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    authorize(&fleet, &headers, Role::Admin).await?;
+    let newly = fleet.revoke(&id).await?;
+    Ok(Json(
+        json!({ "device": id, "revoked": true, "already_revoked": !newly }),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+struct ItemsQuery {
+    #[serde(default)]
+    kind: Option<String>,
+    #[serde(default)]
+    after_id: i64,
+    #[serde(default = "default_limit")]
+    limit: i64,
+}
+
+async fn device_items(
+    State(fleet): State<Arc<Fleet>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<ItemsQuery>,
+) -> ApiResult<Json<Value>> {
+    authorize(&fleet, &headers, Role::Viewer).await?;
+    if fleet.store.device(&id).await?.is_none() {
+        return Err(ApiError::not_found(format!("no device {id}")));
+    }
+    let items = fleet
+        .store
+        .items(&id, q.kind.as_deref(), q.after_id, q.limit.clamp(1, 10_000))
+        .await?;
+    Ok(Json(json!({ "items": items })))
+}
+
+// ---- tokens ------------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize, Serialize)]
+pub struct TokenRequest {
+    pub role: Role,
+    #[serde(default)]
+    pub name: String,
+}
+
+async fn create_token(
+    State(fleet): State<Arc<Fleet>>,
+    headers: HeaderMap,
+    body: Result<Json<TokenRequest>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    authorize(&fleet, &headers, Role::Admin).await?;
+    let Json(request) = body.map_err(|e| ApiError::invalid(e.body_text()))?;
+    let token = auth::create_token(&fleet.store, request.role, &request.name).await?;
+    Ok((StatusCode::CREATED, Json(json!(token))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_openapi_document_is_json_and_names_every_route() {
+        let doc: Value = serde_json::from_str(OPENAPI).unwrap();
+        assert_eq!(doc["openapi"].as_str().unwrap().get(..2), Some("3."));
+        let paths = doc["paths"].as_object().unwrap();
+        for route in [
+            "/api/v1/openapi.json",
+            "/api/v1/health",
+            "/metrics",
+            "/api/v1/models",
+            "/api/v1/models/{name}/{version}",
+            "/api/v1/models/{name}/{version}/telemetry",
+            "/api/v1/models/{name}/{version}/drift",
+            "/api/v1/devices",
+            "/api/v1/devices/{id}",
+            "/api/v1/devices/{id}/assign",
+            "/api/v1/devices/{id}/models/{model}",
+            "/api/v1/devices/{id}/revoke",
+            "/api/v1/devices/{id}/items",
+            "/api/v1/tokens",
+        ] {
+            assert!(paths.contains_key(route), "{route} is not documented");
+        }
+        let source = include_str!("api.rs");
+        // Spelled in two pieces so that this line does not count itself.
+        let routed = source.matches(concat!(".", "route(")).count();
+        assert_eq!(
+            routed,
+            paths.len(),
+            "routes and documented paths differ in number"
+        );
+    }
+}

@@ -1,0 +1,302 @@
+//! The store on SQLite, and on PostgreSQL when `DRIFTGATE_TEST_POSTGRES` is set: ingest is
+//! idempotent by (device, item id) and acks both deliveries, acks wait for a missing batch,
+//! drift windows merge by adding counts, registry and device rules hold.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use fleet_protocol::drift::{DriftWindow, FeatureWindow};
+use fleet_protocol::histogram::LatencyHistogram;
+use fleet_protocol::outbox::{Batch, Health, Item, ItemBody, Telemetry};
+use fleet_protocol::{DeviceId, ModelName, ModelVersion, V1};
+use fleet_server::store::{Assignment, DeviceRecord, ModelRecord, Store};
+
+fn device(id: &str) -> DeviceRecord {
+    DeviceRecord {
+        id: id.into(),
+        labels: BTreeMap::from([("site".to_string(), "berlin".to_string())]),
+        cert_serial: format!("serial-{id}"),
+        cert_not_after_ms: 0,
+        enrolled_at_ms: 1,
+        revoked_at_ms: None,
+        directive_seq: 0,
+        presence: None,
+        presence_at_ms: None,
+        agent_version: None,
+        state: None,
+        state_at_ms: None,
+        health: None,
+        health_at_ms: None,
+        acked_up_to: 0,
+    }
+}
+
+fn drift(counts: Vec<u64>, samples: u64, drifted: bool) -> ItemBody {
+    ItemBody::Drift(DriftWindow {
+        model: ModelName::new("m").unwrap(),
+        release: 2,
+        window: 256,
+        started_at_ms: 100,
+        ended_at_ms: 200,
+        samples,
+        features: vec![FeatureWindow {
+            index: 0,
+            counts,
+            missing: 1,
+            sum: 10.0,
+            sum_sq: 30.0,
+            psi: 0.1,
+            effect: 0.1,
+            drifted,
+            cusum_alarms: 0,
+        }],
+        prediction: None,
+        drifted_share: 0.0,
+        max_score: 0.5,
+        drifted,
+    })
+}
+
+fn telemetry(n: u64) -> ItemBody {
+    let mut latency = LatencyHistogram::default();
+    latency.record_us(120.0);
+    ItemBody::Telemetry(Telemetry {
+        model: ModelName::new("m").unwrap(),
+        release: 2,
+        version: ModelVersion::new("v2").unwrap(),
+        interval_ms: 10_000,
+        inferences: n,
+        errors: BTreeMap::new(),
+        latency,
+    })
+}
+
+fn health(at_ms: i64) -> (i64, ItemBody) {
+    (
+        at_ms,
+        ItemBody::Health(Health {
+            cpu_percent: 12.5,
+            mem_used_bytes: 1,
+            mem_total_bytes: 2,
+            disk_free_bytes: 3,
+            disk_total_bytes: 4,
+            temperatures_c: BTreeMap::new(),
+            agent_rss_bytes: 5,
+            uptime_s: 6,
+            link: Default::default(),
+        }),
+    )
+}
+
+fn batch(device: &str, after: Option<u64>, items: Vec<(u64, i64, ItemBody)>) -> Batch {
+    Batch {
+        v: V1,
+        device: DeviceId::new(device).unwrap(),
+        after,
+        items: items
+            .into_iter()
+            .map(|(id, at_ms, body)| Item { id, at_ms, body })
+            .collect(),
+    }
+}
+
+#[tokio::test]
+async fn a_batch_delivered_twice_is_stored_once_and_acked_both_times() {
+    let dir = tempfile::tempdir().unwrap();
+    for (kind, store) in common::stores(
+        "a_batch_delivered_twice_is_stored_once_and_acked_both_times",
+        dir.path(),
+    )
+    .await
+    {
+        store.insert_device(&device("dev-1")).await.unwrap();
+        let (at, h) = health(150);
+        let b = batch(
+            "dev-1",
+            Some(0),
+            vec![
+                (1, 100, telemetry(7)),
+                (2, at, h),
+                (3, 200, drift(vec![1, 2, 3], 6, false)),
+            ],
+        );
+        let first = store.ingest_batch(&b, 1).await.unwrap();
+        assert_eq!(
+            (first.stored, first.duplicates, first.ack_up_to),
+            (3, 0, 3),
+            "{kind}"
+        );
+        let again = store.ingest_batch(&b, 2).await.unwrap();
+        assert_eq!(
+            (again.stored, again.duplicates, again.ack_up_to),
+            (0, 3, 3),
+            "{kind}"
+        );
+        let items = store.items("dev-1", None, 0, 100).await.unwrap();
+        assert_eq!(items.len(), 3, "{kind}");
+        let counts = store.item_counts(Some("dev-1")).await.unwrap();
+        assert_eq!(counts.get("telemetry"), Some(&1), "{kind}");
+        // The drift window was merged once, not twice.
+        let merged = store.drift("m", 2).await.unwrap();
+        assert_eq!(merged.len(), 1, "{kind}");
+        assert_eq!(merged[0].windows, 1, "{kind}");
+        assert_eq!(merged[0].merged.features[0].counts, vec![1, 2, 3], "{kind}");
+        // Health became the device's latest.
+        let d = store.device("dev-1").await.unwrap().unwrap();
+        assert_eq!(d.health_at_ms, Some(150), "{kind}");
+        assert_eq!(d.health.unwrap()["cpu_percent"], 12.5, "{kind}");
+        assert_eq!(d.acked_up_to, 3, "{kind}");
+    }
+}
+
+#[tokio::test]
+async fn an_ack_waits_for_a_missing_batch_and_drift_counts_add() {
+    let dir = tempfile::tempdir().unwrap();
+    for (kind, store) in common::stores(
+        "an_ack_waits_for_a_missing_batch_and_drift_counts_add",
+        dir.path(),
+    )
+    .await
+    {
+        store.insert_device(&device("dev-2")).await.unwrap();
+        let first = batch(
+            "dev-2",
+            Some(0),
+            vec![(1, 100, drift(vec![1, 0, 0], 1, false))],
+        );
+        assert_eq!(store.ingest_batch(&first, 1).await.unwrap().ack_up_to, 1);
+        // Batch 3 arrives before batch 2 (which follows id 1): stored, but the ack stays.
+        let third = batch(
+            "dev-2",
+            Some(5),
+            vec![(6, 300, drift(vec![0, 0, 4], 4, true))],
+        );
+        let out = store.ingest_batch(&third, 2).await.unwrap();
+        assert_eq!((out.stored, out.ack_up_to), (1, 1), "{kind}");
+        // Ids 2..=5 (3 was evicted on the device: a gap the agent knows about) fill it.
+        let second = batch(
+            "dev-2",
+            Some(1),
+            vec![
+                (2, 150, telemetry(1)),
+                (4, 160, telemetry(2)),
+                (5, 170, drift(vec![0, 2, 0], 2, false)),
+            ],
+        );
+        assert_eq!(
+            store.ingest_batch(&second, 3).await.unwrap().ack_up_to,
+            5,
+            "{kind}"
+        );
+        // The agent resends batch 3 after its ack timed out: now it is acked.
+        let out = store.ingest_batch(&third, 4).await.unwrap();
+        assert_eq!(
+            (out.stored, out.duplicates, out.ack_up_to),
+            (0, 1, 6),
+            "{kind}"
+        );
+        let merged = store.drift("m", 2).await.unwrap();
+        assert_eq!(merged[0].windows, 3, "{kind}");
+        assert_eq!(merged[0].flagged, 1, "{kind}");
+        assert_eq!(merged[0].merged.samples, 7, "{kind}");
+        assert_eq!(merged[0].merged.features[0].counts, vec![1, 2, 4], "{kind}");
+        assert_eq!(merged[0].merged.features[0].missing, 3, "{kind}");
+        // A batch from a device the server does not know is refused, not stored.
+        let stranger = batch("dev-x", None, vec![(1, 1, telemetry(1))]);
+        assert!(store.ingest_batch(&stranger, 5).await.is_err(), "{kind}");
+    }
+}
+
+#[tokio::test]
+async fn registry_and_device_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    for (kind, store) in common::stores("registry_and_device_rules", dir.path()).await {
+        store.insert_device(&device("dev-3")).await.unwrap();
+        assert!(
+            store.insert_device(&device("dev-3")).await.is_err(),
+            "{kind}: enrolled twice"
+        );
+        let model = ModelRecord {
+            name: "m".into(),
+            version: "v2".into(),
+            release: 2,
+            sha256: "ab".repeat(32),
+            size: 10,
+            profile_sha256: Some("cd".repeat(32)),
+            profile_size: Some(5),
+            manifest: b"{}".to_vec(),
+            pushed_at_ms: 1,
+        };
+        store.insert_model(&model).await.unwrap();
+        assert_eq!(
+            store.model("m", "v2").await.unwrap().unwrap(),
+            model,
+            "{kind}"
+        );
+        store
+            .assign(&Assignment {
+                device: "dev-3".into(),
+                model: "m".into(),
+                version: "v2".into(),
+                assigned_at_ms: 1,
+            })
+            .await
+            .unwrap();
+        assert!(
+            store
+                .blob_assigned("dev-3", &"cd".repeat(32))
+                .await
+                .unwrap(),
+            "{kind}"
+        );
+        assert!(
+            !store
+                .blob_assigned("dev-9", &"cd".repeat(32))
+                .await
+                .unwrap(),
+            "{kind}"
+        );
+        let refused = store.delete_model("m", "v2").await.unwrap_err().to_string();
+        assert!(refused.contains("dev-3"), "{kind}: {refused}");
+        assert!(store.unassign("dev-3", "m").await.unwrap(), "{kind}");
+        let orphans = store.delete_model("m", "v2").await.unwrap();
+        assert_eq!(orphans.len(), 2, "{kind}");
+        // Directive sequence numbers only grow.
+        assert_eq!(
+            store.next_directive_seq("dev-3").await.unwrap(),
+            1,
+            "{kind}"
+        );
+        assert_eq!(
+            store.next_directive_seq("dev-3").await.unwrap(),
+            2,
+            "{kind}"
+        );
+        // Revocation: once, listed for the CRL, gone from the allowed set.
+        assert!(store.revoke_device("dev-3", 10).await.unwrap(), "{kind}");
+        assert!(!store.revoke_device("dev-3", 11).await.unwrap(), "{kind}");
+        assert_eq!(
+            store.revoked_certs().await.unwrap(),
+            vec![("serial-dev-3".to_string(), 10)],
+            "{kind}"
+        );
+        assert!(
+            store.active_device_ids().await.unwrap().is_empty(),
+            "{kind}"
+        );
+        assert_eq!(
+            store.devices_with_label("site", "berlin").await.unwrap(),
+            vec!["dev-3"],
+            "{kind}"
+        );
+    }
+    // Migrations run once: opening again keeps the data.
+    let again = Store::open(&format!(
+        "sqlite://{}",
+        dir.path().join("fleet.db").display()
+    ))
+    .await
+    .unwrap();
+    assert_eq!(again.devices().await.unwrap().len(), 1);
+}
