@@ -234,7 +234,26 @@ async fn push_model(
     headers: HeaderMap,
     mut multipart: Multipart,
 ) -> ApiResult<Response> {
-    authorize(&fleet, &headers, Role::Operator).await?;
+    let result = push_parts(&fleet, &headers, &mut multipart).await;
+    if result.is_err() {
+        // Read the rest of a refused upload (it is bounded by the body limit) so the client,
+        // still sending, gets this answer rather than a connection reset mid-body.
+        let drain = async {
+            while let Ok(Some(mut field)) = multipart.next_field().await {
+                while let Ok(Some(_)) = field.chunk().await {}
+            }
+        };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(60), drain).await;
+    }
+    result
+}
+
+async fn push_parts(
+    fleet: &Fleet,
+    headers: &HeaderMap,
+    multipart: &mut Multipart,
+) -> ApiResult<Response> {
+    authorize(fleet, headers, Role::Operator).await?;
     let bad_part = |e: axum::extract::multipart::MultipartError| {
         ApiError::new(
             e.status(),

@@ -241,7 +241,15 @@ impl ApiClient {
             request = request.header("Authorization", auth);
         }
         let response = request.send(ureq::SendBody::from_reader(&mut body));
-        self.finish(&url, response)
+        match self.finish(&url, response) {
+            // A server that refuses early may close the connection while the body is still
+            // going; ask it something cheap to learn why (a bad token shows there).
+            Err(e @ ClientError::Transport { .. }) => match self.get("/api/v1/models") {
+                Err(api @ ClientError::Api { .. }) => Err(api),
+                _ => Err(e),
+            },
+            other => other,
+        }
     }
 }
 

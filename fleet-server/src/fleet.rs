@@ -5,7 +5,7 @@
 //! assignment takes the device's next sequence number (persisted first), signs a new directive
 //! with the fleet key, stores it, and publishes it retained on the device's `directive` topic.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 
 use fleet_protocol::directive::{Directive, ModelDirective};
@@ -50,23 +50,25 @@ impl From<StoreError> for FleetError {
     }
 }
 
-/// The devices the embedded broker lets in: enrolled and not revoked. Kept in memory because
-/// the broker asks at every CONNECT, synchronously.
+/// The devices the embedded broker lets in: enrolled and not revoked, each with the serial of
+/// its certificate, so an older certificate of the same id is refused too. Kept in memory
+/// because the broker asks at every CONNECT.
 #[derive(Debug, Default)]
-pub struct AllowedDevices(RwLock<HashSet<String>>);
+pub struct AllowedDevices(RwLock<HashMap<String, String>>);
 
 impl AllowedDevices {
-    pub fn new(ids: impl IntoIterator<Item = String>) -> AllowedDevices {
-        AllowedDevices(RwLock::new(ids.into_iter().collect()))
+    /// From (device id, certificate serial) pairs.
+    pub fn new(devices: impl IntoIterator<Item = (String, String)>) -> AllowedDevices {
+        AllowedDevices(RwLock::new(devices.into_iter().collect()))
     }
-    fn insert(&self, id: &str) {
-        if let Ok(mut set) = self.0.write() {
-            set.insert(id.to_string());
+    fn insert(&self, id: &str, serial: &str) {
+        if let Ok(mut map) = self.0.write() {
+            map.insert(id.to_string(), serial.to_string());
         }
     }
     fn remove(&self, id: &str) {
-        if let Ok(mut set) = self.0.write() {
-            set.remove(id);
+        if let Ok(mut map) = self.0.write() {
+            map.remove(id);
         }
     }
 }
@@ -75,8 +77,31 @@ impl ConnectGate for AllowedDevices {
     fn allows(&self, device: &DeviceId) -> bool {
         self.0
             .read()
-            .map(|set| set.contains(device.as_str()))
+            .map(|map| map.contains_key(device.as_str()))
             .unwrap_or(false)
+    }
+
+    fn allows_cert(&self, device: &DeviceId, serial_hex: Option<&str>) -> bool {
+        let Ok(map) = self.0.read() else {
+            return false;
+        };
+        match (map.get(device.as_str()), serial_hex) {
+            (Some(expected), Some(serial)) => {
+                normalize_serial(expected) == normalize_serial(serial)
+            }
+            (Some(_), None) => true,
+            (None, _) => false,
+        }
+    }
+}
+
+/// Serials compare as numbers: lower case, no leading zeros.
+fn normalize_serial(serial: &str) -> String {
+    let trimmed = serial.trim_start_matches('0').to_ascii_lowercase();
+    if trimmed.is_empty() {
+        "0".into()
+    } else {
+        trimmed
     }
 }
 
@@ -141,11 +166,12 @@ impl Fleet {
             .ca
             .issue_device(&device, self.config.devices.cert_valid_days)
             .map_err(|e| FleetError::Ca(e.to_string()))?;
+        let issued_serial = issued.serial_hex.clone();
         self.store
             .insert_device(&DeviceRecord {
                 id: id.to_string(),
                 labels: labels.clone(),
-                cert_serial: issued.serial_hex.clone(),
+                cert_serial: issued_serial.clone(),
                 cert_not_after_ms: issued.not_after_unix.saturating_mul(1000),
                 enrolled_at_ms: now_ms(),
                 revoked_at_ms: None,
@@ -160,7 +186,7 @@ impl Fleet {
                 acked_up_to: 0,
             })
             .await?;
-        self.allowed.insert(id);
+        self.allowed.insert(id, &issued_serial);
         tracing::info!(device = id, ?labels, "device enrolled");
 
         let release_names: Vec<String> = (0..self.release_public_pems.len())

@@ -164,7 +164,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer> {
     }
     let topics = Topics::new(config.topic_root.clone()).map_err(anyhow::Error::msg)?;
     let metrics = Arc::new(Metrics::default());
-    let allowed = Arc::new(AllowedDevices::new(store.active_device_ids().await?));
+    let allowed = Arc::new(AllowedDevices::new(store.active_devices().await?));
 
     // The broker, and how the server itself reaches it.
     let mut password = [0u8; 24];

@@ -417,11 +417,24 @@ impl Store {
 
     /// Enrolled and not revoked: the broker lets exactly these connect.
     pub async fn active_device_ids(&self) -> Result<Vec<String>, StoreError> {
-        Ok(
-            sqlx::query_scalar("SELECT id FROM devices WHERE revoked_at_ms IS NULL ORDER BY id")
-                .fetch_all(&self.pool)
-                .await?,
+        Ok(self
+            .active_devices()
+            .await?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect())
+    }
+
+    /// Enrolled and not revoked, with their certificates' serials.
+    pub async fn active_devices(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, cert_serial FROM devices WHERE revoked_at_ms IS NULL ORDER BY id",
         )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect()
     }
 
     /// Devices whose label `key` has `value`.

@@ -373,7 +373,12 @@ async fn the_same_batch_delivered_twice_is_stored_once_and_acked_both_times() {
     // A batch naming another device is dropped and counted, never acked or stored.
     let mut forged = batch.clone();
     forged.device = DeviceId::new("dev-other").unwrap();
-    forged.items[0].id = 9;
+    forged.after = Some(3);
+    forged.items = vec![Item {
+        id: 9,
+        at_ms: 1,
+        body: ItemBody::Evictions(Default::default()),
+    }];
     client
         .publish(
             topics.topic(&device, TopicKind::Up),
