@@ -54,10 +54,21 @@ async fn handle(
                 tracing::warn!(%device, claimed = %batch.device, "dropped a batch naming another device");
                 return Err("device_mismatch");
             }
-            let outcome = store
-                .ingest_batch(&batch, now_ms())
-                .await
-                .map_err(|e| store_failure(&device, &e))?;
+            // A busy or briefly unreachable database is retried here: otherwise the batch
+            // would wait for the agent's ack timeout to come round again.
+            let mut attempt = 0;
+            let outcome = loop {
+                match store.ingest_batch(&batch, now_ms()).await {
+                    Ok(outcome) => break outcome,
+                    Err(StoreError::Sql(e)) if attempt < 3 => {
+                        attempt += 1;
+                        tracing::warn!(%device, error = %e, attempt, "storing a batch failed; retrying");
+                        tokio::time::sleep(std::time::Duration::from_millis(50 << (2 * attempt)))
+                            .await;
+                    }
+                    Err(e) => return Err(store_failure(&device, &e)),
+                }
+            };
             metrics.batches_ingested.fetch_add(1, Ordering::Relaxed);
             metrics
                 .items_stored

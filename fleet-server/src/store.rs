@@ -282,6 +282,17 @@ impl Store {
         self.dialect
     }
 
+    /// A transaction that will write. On SQLite it takes the write lock at BEGIN
+    /// (`IMMEDIATE`): a deferred transaction that reads first and writes later cannot wait
+    /// for the lock when another connection wrote in between, and fails at once with
+    /// SQLITE_BUSY whatever the busy timeout.
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+        match self.dialect {
+            Dialect::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
+            Dialect::Postgres => self.pool.begin().await,
+        }
+    }
+
     async fn migrate(&self) -> Result<(), StoreError> {
         sqlx::query(
             "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at_ms BIGINT NOT NULL)",
@@ -293,7 +304,7 @@ impl Store {
             Dialect::Postgres => "BYTEA",
         };
         for (version, sql) in MIGRATIONS {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = self.begin_write().await?;
             let applied: Option<i64> =
                 sqlx::query_scalar("SELECT version FROM schema_migrations WHERE version = $1")
                     .bind(*version)
@@ -324,7 +335,7 @@ impl Store {
 
     /// Adds a device; refused when the id exists.
     pub async fn insert_device(&self, device: &DeviceRecord) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let exists: Option<String> = sqlx::query_scalar("SELECT id FROM devices WHERE id = $1")
             .bind(&device.id)
             .fetch_optional(&mut *tx)
@@ -375,7 +386,7 @@ impl Store {
     /// Marks the device revoked and lists its certificate as revoked. Returns false when it
     /// was revoked already.
     pub async fn revoke_device(&self, id: &str, at_ms: i64) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let row = sqlx::query("SELECT cert_serial, revoked_at_ms FROM devices WHERE id = $1")
             .bind(id)
             .fetch_optional(&mut *tx)
@@ -578,7 +589,7 @@ impl Store {
     /// Deletes a model version unless a device is assigned it; returns the digests that no
     /// other version references any more (their files may go).
     pub async fn delete_model(&self, name: &str, version: &str) -> Result<Vec<String>, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let users: Vec<String> = sqlx::query_scalar(
             "SELECT device FROM assignments WHERE model = $1 AND version = $2 ORDER BY device",
         )
@@ -672,7 +683,7 @@ impl Store {
     /// Takes the device's next directive sequence number. It is persisted before the
     /// directive is signed, so no number is ever handed out twice, even across a crash.
     pub async fn next_directive_seq(&self, device: &str) -> Result<u64, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query("UPDATE devices SET directive_seq = directive_seq + 1 WHERE id = $1")
             .bind(device)
             .execute(&mut *tx)
@@ -735,7 +746,7 @@ impl Store {
         received_at_ms: i64,
     ) -> Result<IngestOutcome, StoreError> {
         let device = batch.device.as_str();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let acked: Option<i64> =
             sqlx::query_scalar("SELECT acked_up_to FROM devices WHERE id = $1")
                 .bind(device)

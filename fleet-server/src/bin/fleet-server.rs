@@ -62,6 +62,10 @@ struct ConfigArgs {
     /// Use this broker instead of the embedded one: mqtts://host:port or mqtt://host:port.
     #[arg(long)]
     broker: Option<String>,
+    /// The server's password for an external broker, in a file (one line); its user name is
+    /// broker.username (default driftgate-server).
+    #[arg(long)]
+    broker_password_file: Option<PathBuf>,
     /// The REST API's address (default 127.0.0.1:8480).
     #[arg(long)]
     api_listen: Option<SocketAddr>,
@@ -94,6 +98,9 @@ impl ConfigArgs {
         }
         if let Some(url) = &self.broker {
             config.broker.external = Some(url.clone());
+        }
+        if let Some(path) = &self.broker_password_file {
+            config.broker.password_file = Some(path.clone());
         }
         if let Some(listen) = self.api_listen {
             config.api.listen = listen;
