@@ -70,7 +70,7 @@ fn batches(device: &DeviceId, items: usize) -> Vec<(u64, Vec<u8>)> {
         let batch_items: Vec<Item> = (0..n)
             .map(|_| {
                 id += 1;
-                let body = if id % 8 == 0 {
+                let body = if id.is_multiple_of(8) {
                     ItemBody::Health(Health {
                         cpu_percent: 23.5,
                         mem_used_bytes: 512 << 20,
@@ -201,9 +201,11 @@ async fn device_run(
 
 async fn run_backend(label: &str, database: Option<String>, args: &Args) -> f64 {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = ServerConfig::default();
-    config.data_dir = dir.path().join("server");
-    config.database = database;
+    let mut config = ServerConfig {
+        data_dir: dir.path().join("server"),
+        database,
+        ..Default::default()
+    };
     config.api.listen = "127.0.0.1:0".parse().unwrap();
     config.broker.listen = "127.0.0.1:0".parse().unwrap();
     let running = server::start(config).await.expect("server starts");

@@ -821,13 +821,12 @@ impl Store {
                 }
                 stored += 1;
                 match &item.body {
-                    ItemBody::Health(h) => {
+                    ItemBody::Health(h)
                         if latest_health
                             .as_ref()
-                            .is_none_or(|(at, _)| *at <= item.at_ms)
-                        {
-                            latest_health = Some((item.at_ms, json_string(h)));
-                        }
+                            .is_none_or(|(at, _)| *at <= item.at_ms) =>
+                    {
+                        latest_health = Some((item.at_ms, json_string(h)));
                     }
                     ItemBody::Drift(window) => {
                         merge_drift(&mut tx, device, window, item.at_ms).await?;

@@ -26,9 +26,11 @@ fn root() -> PathBuf {
 
 /// A server on free ports trusting `release_pub`.
 async fn start(dir: &Path, release_pub: &Path, database: Option<String>) -> RunningServer {
-    let mut config = ServerConfig::default();
-    config.data_dir = dir.join("server");
-    config.database = database;
+    let mut config = ServerConfig {
+        data_dir: dir.join("server"),
+        database,
+        ..Default::default()
+    };
     config.api.listen = "127.0.0.1:0".parse().unwrap();
     config.broker.listen = "127.0.0.1:0".parse().unwrap();
     config.trust.release_keys = vec![release_pub.to_path_buf()];

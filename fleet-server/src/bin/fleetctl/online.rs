@@ -130,7 +130,7 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
             .collect();
         println!("{}", text.join("  ").trim_end());
     };
-    line(header.iter().map(|h| h.to_uppercase()).collect());
+    line(header.iter().map(|h| h.to_ascii_uppercase()).collect());
     for row in rows {
         line(row.clone());
     }
