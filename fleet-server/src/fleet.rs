@@ -413,7 +413,13 @@ pub async fn write_crl_file(
     store: &Store,
     path: &std::path::Path,
 ) -> Result<(), FleetError> {
-    let revoked = store.revoked_certs().await?;
+    // The store keeps milliseconds; a CRL's revocation dates are seconds.
+    let revoked: Vec<(String, i64)> = store
+        .revoked_certs()
+        .await?
+        .into_iter()
+        .map(|(serial, at_ms)| (serial, at_ms / 1000))
+        .collect();
     let crl = ca
         .crl_pem(&revoked, now_ms().max(1) as u64)
         .map_err(|e| FleetError::Ca(e.to_string()))?;

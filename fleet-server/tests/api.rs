@@ -400,5 +400,31 @@ async fn the_same_batch_delivered_twice_is_stored_once_and_acked_both_times() {
         running.fleet.metrics.dropped_count("up", "device_mismatch"),
         1
     );
+
+    // Revoked: the live connection is dropped at once, and the certificate refused after.
+    assert!(running.fleet.revoke("dev-dup").await.unwrap());
+    let dropped = tokio::time::timeout(Duration::from_secs(10), async {
+        while eventloop.poll().await.is_ok() {}
+    })
+    .await;
+    assert!(
+        dropped.is_ok(),
+        "the revoked device's connection was not dropped"
+    );
+    let (_client, mut again) = AsyncClient::new(device_options(&bundle, "dev-dup", port), 16);
+    let refused = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match again.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => break Ok(ack),
+                Ok(_) => {}
+                Err(e) => break Err(e.to_string()),
+            }
+        }
+    })
+    .await
+    .expect("an answer to the revoked device's connect");
+    assert!(refused.is_err(), "a revoked device connected: {refused:?}");
+    let crl = std::fs::read_to_string(running.fleet.crl_path()).unwrap();
+    assert!(crl.contains("BEGIN X509 CRL"), "{crl}");
     running.shutdown().await;
 }
