@@ -154,20 +154,22 @@ pub async fn run(
                 let topics = topics.clone();
                 // Subscribing from inside the loop would deadlock on a full request queue.
                 tokio::spawn(async move {
-                    for kind in [
+                    let filters = [
                         TopicKind::Up,
                         TopicKind::State,
                         TopicKind::Status,
                         TopicKind::Fetch,
-                    ] {
-                        if let Err(e) = client
-                            .subscribe(topics.all_devices(kind), QoS::AtLeastOnce)
-                            .await
-                        {
-                            tracing::error!(error = %e, "subscribe failed");
-                        }
+                    ]
+                    .map(|kind| {
+                        rumqttc::SubscribeFilter::new(topics.all_devices(kind), QoS::AtLeastOnce)
+                    });
+                    if let Err(e) = client.subscribe_many(filters).await {
+                        tracing::error!(error = %e, "subscribe failed");
                     }
                 });
+            }
+            // Ready once subscribed: what devices publish from now on reaches the server.
+            Ok(Event::Incoming(Packet::SubAck(_))) => {
                 let _ = connected.send(true);
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
