@@ -17,25 +17,112 @@ use crate::bus::{Bus, DeviceMessage};
 use crate::metrics::Metrics;
 use crate::store::{now_ms, Store, StoreError};
 
-/// One ingest worker: stores the messages of the devices routed to it, in order.
+/// Most queued uplink batches stored in one transaction.
+const MAX_GROUP: usize = 32;
+
+/// One ingest worker: stores the messages of the devices routed to it, in order. Batches
+/// that queued up while the last commit ran are stored together, in one transaction.
 pub async fn run(
     store: Store,
     bus: Bus,
     metrics: Arc<Metrics>,
     mut messages: mpsc::Receiver<DeviceMessage>,
 ) {
-    while let Some(message) = messages.recv().await {
-        let kind = message.kind;
-        if let Err(reason) = handle(&store, &bus, &metrics, message).await {
-            metrics.dropped(kind.as_str(), reason);
+    while let Some(first) = messages.recv().await {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match messages.try_recv() {
+                Ok(message) => group.push(message),
+                Err(_) => break,
+            }
+        }
+        let mut batches = Vec::new();
+        for message in group {
+            let kind = message.kind;
+            if kind == TopicKind::Up {
+                match decode_batch(&message) {
+                    Ok(batch) => batches.push(batch),
+                    Err(reason) => metrics.dropped("up", reason),
+                }
+            } else if let Err(reason) = handle(&store, &metrics, message).await {
+                metrics.dropped(kind.as_str(), reason);
+            }
+        }
+        if !batches.is_empty() {
+            store_batches(&store, &bus, &metrics, &batches).await;
         }
     }
 }
 
-/// Stores one message; the error is the reason label it was dropped with.
+fn decode_batch(message: &DeviceMessage) -> Result<Batch, &'static str> {
+    let device = &message.device;
+    let batch: Batch = decode(&message.payload).map_err(|e| {
+        tracing::warn!(%device, error = %e, "dropped an uplink batch");
+        e.label()
+    })?;
+    if batch.device != *device {
+        tracing::warn!(%device, claimed = %batch.device, "dropped a batch naming another device");
+        return Err("device_mismatch");
+    }
+    Ok(batch)
+}
+
+/// Stores the batches in one transaction and acks each after the commit. A busy or briefly
+/// unreachable database is retried here: otherwise the batches would wait for the agents'
+/// ack timeouts to come round again. Nothing is acked that was not committed.
+async fn store_batches(store: &Store, bus: &Bus, metrics: &Metrics, batches: &[Batch]) {
+    let refs: Vec<&Batch> = batches.iter().collect();
+    let mut attempt = 0;
+    let outcomes = loop {
+        match store.ingest_batches(&refs, now_ms()).await {
+            Ok(outcomes) => break outcomes,
+            Err(StoreError::Sql(e)) if attempt < 3 => {
+                attempt += 1;
+                tracing::warn!(error = %e, attempt, batches = batches.len(), "storing batches failed; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(50 << (2 * attempt))).await;
+            }
+            Err(e) => {
+                for batch in batches {
+                    metrics.dropped("up", store_failure(&batch.device, &e));
+                }
+                return;
+            }
+        }
+    };
+    for (batch, outcome) in batches.iter().zip(outcomes) {
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                metrics.dropped("up", store_failure(&batch.device, &e));
+                continue;
+            }
+        };
+        metrics.batches_ingested.fetch_add(1, Ordering::Relaxed);
+        metrics
+            .items_stored
+            .fetch_add(outcome.stored, Ordering::Relaxed);
+        metrics
+            .items_duplicate
+            .fetch_add(outcome.duplicates, Ordering::Relaxed);
+        if outcome.ack_up_to > 0 {
+            let ack = encode(&Ack {
+                v: V1,
+                up_to: outcome.ack_up_to,
+            });
+            if bus
+                .publish(&batch.device, TopicKind::Ack, ack)
+                .await
+                .is_ok()
+            {
+                metrics.acks_sent.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Stores a `state` or `status` message; the error is the reason label it was dropped with.
 async fn handle(
     store: &Store,
-    bus: &Bus,
     metrics: &Metrics,
     message: DeviceMessage,
 ) -> Result<(), &'static str> {
@@ -45,48 +132,6 @@ async fn handle(
         payload,
     } = message;
     match kind {
-        TopicKind::Up => {
-            let batch: Batch = decode(&payload).map_err(|e| {
-                tracing::warn!(%device, error = %e, "dropped an uplink batch");
-                e.label()
-            })?;
-            if batch.device != device {
-                tracing::warn!(%device, claimed = %batch.device, "dropped a batch naming another device");
-                return Err("device_mismatch");
-            }
-            // A busy or briefly unreachable database is retried here: otherwise the batch
-            // would wait for the agent's ack timeout to come round again.
-            let mut attempt = 0;
-            let outcome = loop {
-                match store.ingest_batch(&batch, now_ms()).await {
-                    Ok(outcome) => break outcome,
-                    Err(StoreError::Sql(e)) if attempt < 3 => {
-                        attempt += 1;
-                        tracing::warn!(%device, error = %e, attempt, "storing a batch failed; retrying");
-                        tokio::time::sleep(std::time::Duration::from_millis(50 << (2 * attempt)))
-                            .await;
-                    }
-                    Err(e) => return Err(store_failure(&device, &e)),
-                }
-            };
-            metrics.batches_ingested.fetch_add(1, Ordering::Relaxed);
-            metrics
-                .items_stored
-                .fetch_add(outcome.stored, Ordering::Relaxed);
-            metrics
-                .items_duplicate
-                .fetch_add(outcome.duplicates, Ordering::Relaxed);
-            if outcome.ack_up_to > 0 {
-                let ack = encode(&Ack {
-                    v: V1,
-                    up_to: outcome.ack_up_to,
-                });
-                if bus.publish(&device, TopicKind::Ack, ack).await.is_ok() {
-                    metrics.acks_sent.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            Ok(())
-        }
         TopicKind::State => {
             let state: State = decode(&payload).map_err(|e| e.label())?;
             if state.device != device {

@@ -21,8 +21,10 @@ use crate::registry::{BlobStore, Registry};
 use crate::store::Store;
 use crate::{api, artifacts, ingest, keyfile};
 
-/// Ingest workers: each owns a share of the devices, so one device's messages stay in order.
-const INGEST_WORKERS: usize = 4;
+/// Ingest workers on PostgreSQL: each owns a share of the devices, so one device's messages
+/// stay in order. SQLite takes one writer at a time, and writers waiting on its lock back off
+/// by sleeping: one worker there is faster than several.
+const INGEST_WORKERS_POSTGRES: usize = 4;
 
 /// A running server.
 pub struct RunningServer {
@@ -269,7 +271,11 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer> {
     let (connected_tx, mut connected_rx) = watch::channel(false);
     let mut tasks = Vec::new();
     let mut ingest_queues = Vec::new();
-    for _ in 0..INGEST_WORKERS {
+    let workers = match store.dialect() {
+        crate::store::Dialect::Sqlite => 1,
+        crate::store::Dialect::Postgres => INGEST_WORKERS_POSTGRES,
+    };
+    for _ in 0..workers {
         let (tx, rx) = mpsc::channel(256);
         ingest_queues.push(tx);
         tasks.push(tokio::spawn(ingest::run(

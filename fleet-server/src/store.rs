@@ -745,15 +745,43 @@ impl Store {
         batch: &Batch,
         received_at_ms: i64,
     ) -> Result<IngestOutcome, StoreError> {
-        let device = batch.device.as_str();
+        self.ingest_batches(&[batch], received_at_ms)
+            .await?
+            .pop()
+            .unwrap_or_else(|| Err(StoreError::Conflict("no batch".into())))
+    }
+
+    /// Several batches in one transaction (what the ingest worker has queued): one commit for
+    /// all of them. The outer error fails the whole transaction (nothing is stored); an inner
+    /// one refuses that batch alone (a device the server does not know), before it wrote.
+    pub async fn ingest_batches(
+        &self,
+        batches: &[&Batch],
+        received_at_ms: i64,
+    ) -> Result<Vec<Result<IngestOutcome, StoreError>>, StoreError> {
         let mut tx = self.begin_write().await?;
+        let mut outcomes = Vec::with_capacity(batches.len());
+        for batch in batches {
+            outcomes.push(self.ingest_in(&mut tx, batch, received_at_ms).await?);
+        }
+        tx.commit().await?;
+        Ok(outcomes)
+    }
+
+    async fn ingest_in(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        batch: &Batch,
+        received_at_ms: i64,
+    ) -> Result<Result<IngestOutcome, StoreError>, StoreError> {
+        let device = batch.device.as_str();
         let acked: Option<i64> =
             sqlx::query_scalar("SELECT acked_up_to FROM devices WHERE id = $1")
                 .bind(device)
-                .fetch_optional(&mut *tx)
+                .fetch_optional(&mut **tx)
                 .await?;
         let Some(acked) = acked else {
-            return Err(StoreError::Conflict(format!("no device {device}")));
+            return Ok(Err(StoreError::Conflict(format!("no device {device}"))));
         };
         let acked = u64::try_from(acked).unwrap_or(0);
         let (mut stored, mut duplicates) = (0u64, 0u64);
@@ -765,21 +793,29 @@ impl Store {
                 "INSERT INTO items (device, id, kind, at_ms, model, release, body, received_at_ms) VALUES ",
             );
             for i in 0..chunk.len() {
-                let p = i * 8;
                 if i > 0 {
                     sql.push_str(", ");
                 }
-                sql.push_str(&format!(
-                    "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${})",
-                    p + 1,
-                    p + 2,
-                    p + 3,
-                    p + 4,
-                    p + 5,
-                    p + 6,
-                    p + 7,
-                    p + 8
-                ));
+                match self.dialect {
+                    // Plain `?` on SQLite: for each numbered `$N` the driver asks SQLite for
+                    // the parameter's name, a linear scan, so a statement with a thousand of
+                    // them spent most of its time there.
+                    Dialect::Sqlite => sql.push_str("(?, ?, ?, ?, ?, ?, ?, ?)"),
+                    Dialect::Postgres => {
+                        let p = i * 8;
+                        sql.push_str(&format!(
+                            "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${})",
+                            p + 1,
+                            p + 2,
+                            p + 3,
+                            p + 4,
+                            p + 5,
+                            p + 6,
+                            p + 7,
+                            p + 8
+                        ));
+                    }
+                }
             }
             sql.push_str(" ON CONFLICT (device, id) DO NOTHING RETURNING id");
             // Only placeholders are formatted in; every value is bound.
@@ -809,7 +845,7 @@ impl Store {
                     .bind(received_at_ms);
             }
             let new_ids: std::collections::HashSet<i64> = query
-                .fetch_all(&mut *tx)
+                .fetch_all(&mut **tx)
                 .await?
                 .iter()
                 .map(|row| row.try_get::<i64, _>(0))
@@ -829,7 +865,7 @@ impl Store {
                         latest_health = Some((item.at_ms, json_string(h)));
                     }
                     ItemBody::Drift(window) => {
-                        merge_drift(&mut tx, device, window, item.at_ms).await?;
+                        merge_drift(tx, device, window, item.at_ms).await?;
                     }
                     _ => {}
                 }
@@ -842,7 +878,7 @@ impl Store {
             .bind(health)
             .bind(at_ms)
             .bind(device)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
         }
         let last = batch.items.last().map(|i| i.id).unwrap_or(0);
@@ -852,15 +888,14 @@ impl Store {
             sqlx::query("UPDATE devices SET acked_up_to = $1 WHERE id = $2")
                 .bind(last as i64)
                 .bind(device)
-                .execute(&mut *tx)
+                .execute(&mut **tx)
                 .await?;
         }
-        tx.commit().await?;
-        Ok(IngestOutcome {
+        Ok(Ok(IngestOutcome {
             stored,
             duplicates,
             ack_up_to,
-        })
+        }))
     }
 
     /// Stored items of one device, oldest id first, optionally of one kind.
@@ -988,7 +1023,7 @@ impl Store {
 
 /// Adds one window into the device's running totals for its model release and length.
 async fn merge_drift(
-    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
     device: &str,
     window: &DriftWindow,
     _at_ms: i64,
