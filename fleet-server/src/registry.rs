@@ -268,10 +268,39 @@ impl Registry {
         Ok(PushOutcome::Stored)
     }
 
-    /// Deletes a version unless a device is assigned it, and the blobs no other version uses.
+    /// Deletes a version unless a device is assigned it or reports running it, and the blobs
+    /// no other version uses.
     pub async fn delete(&self, name: &str, version: &str) -> Result<(), RegistryError> {
-        if self.store.model(name, version).await?.is_none() {
+        let Some(record) = self.store.model(name, version).await? else {
             return Err(RegistryError::NotFound(format!("{name}@{version}")));
+        };
+        // A device may still run a version no longer assigned to it (it has not applied its
+        // new directive yet, or is offline): its own report decides.
+        let release = u64::try_from(record.release).unwrap_or(0);
+        let running: Vec<String> = self
+            .store
+            .devices()
+            .await?
+            .into_iter()
+            .filter(|d| {
+                d.state
+                    .as_ref()
+                    .and_then(|s| serde_json::from_value::<fleet_protocol::State>(s.clone()).ok())
+                    .is_some_and(|s| {
+                        s.models.iter().any(|m| {
+                            m.name.as_str() == name
+                                && m.active.as_ref().is_some_and(|a| a.release == release)
+                        })
+                    })
+            })
+            .map(|d| d.id)
+            .collect();
+        if !running.is_empty() {
+            return Err(RegistryError::Conflict(format!(
+                "{name}@{version} is running on {} device(s): {}",
+                running.len(),
+                running.join(", ")
+            )));
         }
         let orphans = self
             .store

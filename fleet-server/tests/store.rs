@@ -300,3 +300,59 @@ async fn registry_and_device_rules() {
     .unwrap();
     assert_eq!(again.devices().await.unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn a_version_a_device_reports_running_cannot_be_deleted() {
+    use fleet_server::registry::{BlobStore, Registry};
+    let dir = tempfile::tempdir().unwrap();
+    for (kind, store) in common::stores(
+        "a_version_a_device_reports_running_cannot_be_deleted",
+        dir.path(),
+    )
+    .await
+    {
+        store.insert_device(&device("dev-4")).await.unwrap();
+        let model = ModelRecord {
+            name: "m".into(),
+            version: "v2".into(),
+            release: 2,
+            sha256: "ab".repeat(32),
+            size: 10,
+            profile_sha256: None,
+            profile_size: None,
+            manifest: b"{}".to_vec(),
+            pushed_at_ms: 1,
+        };
+        store.insert_model(&model).await.unwrap();
+        // Not assigned, but the device still reports it active (it has not retired it yet).
+        let state = serde_json::json!({
+            "v": 1, "device": "dev-4", "agent_version": "0.1.0", "at_ms": 5,
+            "models": [{"name": "m", "phase": {"phase": "active"},
+                        "active": {"release": 2, "version": "v2", "sha256": "ab".repeat(32)}}]
+        });
+        store
+            .set_state("dev-4", &state.to_string(), "0.1.0", 5)
+            .await
+            .unwrap();
+        let registry = Registry::new(
+            store.clone(),
+            BlobStore::new(dir.path().join(format!("blobs-{kind}"))),
+            fleet_protocol::KeyRing::new(),
+        );
+        let refused = registry.delete("m", "v2").await.unwrap_err().to_string();
+        assert!(
+            refused.contains("running on 1 device(s): dev-4"),
+            "{kind}: {refused}"
+        );
+        // Once the device reports it gone, the version can go.
+        let state = serde_json::json!({
+            "v": 1, "device": "dev-4", "agent_version": "0.1.0", "at_ms": 6, "models": []
+        });
+        store
+            .set_state("dev-4", &state.to_string(), "0.1.0", 6)
+            .await
+            .unwrap();
+        registry.delete("m", "v2").await.unwrap();
+        assert!(store.model("m", "v2").await.unwrap().is_none(), "{kind}");
+    }
+}

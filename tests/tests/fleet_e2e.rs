@@ -293,6 +293,25 @@ pub fn run_fleet(work: &Path, backend: Backend) {
     );
     let table = fleetctl(&url, &token, &["device", "list"]);
     assert!(table.contains("digits-mlp@v2 (active)"), "{table}");
+    // A model in use cannot be deleted.
+    let refused = Command::new(binary("fleetctl"))
+        .args([
+            "--server",
+            &url,
+            "--token",
+            &token,
+            "model",
+            "delete",
+            "digits-mlp@v2",
+        ])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        why.contains("409 conflict") && why.contains("dev-a"),
+        "{why}"
+    );
     let shown = fleetctl(&url, &token, &["device", "show", "dev-a"]);
     assert!(
         shown.contains("health") && shown.contains("assigned digits-mlp@v2"),
