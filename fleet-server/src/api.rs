@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 use crate::auth::{self, AuthError, Role};
 use crate::fleet::{Fleet, FleetError};
 use crate::registry::{PushOutcome, Registry, RegistryError};
-use crate::store::{MergedDrift, StoreError};
+use crate::store::{MergedDrift, ModelRecord, StoreError};
 
 /// The OpenAPI 3.1 document, served as is.
 pub const OPENAPI: &str = include_str!("openapi.json");
@@ -218,6 +218,16 @@ fn check_model_path(name: &str, version: &str) -> ApiResult<()> {
     Ok(())
 }
 
+/// The model version a path names: a valid name and version, in the registry (else 404).
+async fn find_model(fleet: &Fleet, name: &str, version: &str) -> ApiResult<ModelRecord> {
+    check_model_path(name, version)?;
+    fleet
+        .store
+        .model(name, version)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no model {name}@{version}")))
+}
+
 async fn list_models(
     State(fleet): State<Arc<Fleet>>,
     headers: HeaderMap,
@@ -341,12 +351,7 @@ async fn show_model(
     Path((name, version)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
     authorize(&fleet, &headers, Role::Viewer).await?;
-    check_model_path(&name, &version)?;
-    let record = fleet
-        .store
-        .model(&name, &version)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("no model {name}@{version}")))?;
+    let record = find_model(&fleet, &name, &version).await?;
     let (envelope, manifest) = Registry::manifest_of(&record)?;
     Ok(Json(json!({
         "model": record,
@@ -387,12 +392,7 @@ async fn model_telemetry(
     Query(q): Query<TelemetryQuery>,
 ) -> ApiResult<Json<Value>> {
     authorize(&fleet, &headers, Role::Viewer).await?;
-    check_model_path(&name, &version)?;
-    let record = fleet
-        .store
-        .model(&name, &version)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("no model {name}@{version}")))?;
+    let record = find_model(&fleet, &name, &version).await?;
     let items = fleet
         .store
         .telemetry(&name, record.release, q.since_ms, q.limit.clamp(1, 10_000))
@@ -457,12 +457,7 @@ async fn model_drift(
     Query(q): Query<DriftQuery>,
 ) -> ApiResult<Json<Value>> {
     authorize(&fleet, &headers, Role::Viewer).await?;
-    check_model_path(&name, &version)?;
-    let record = fleet
-        .store
-        .model(&name, &version)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("no model {name}@{version}")))?;
+    let record = find_model(&fleet, &name, &version).await?;
     let profile = match &record.profile_sha256 {
         Some(sha) => {
             let path = fleet.registry.blobs().path(sha);

@@ -117,7 +117,9 @@ pub async fn authenticate(store: &Store, presented: &str) -> Result<(String, Rol
             AuthError::Unknown
         })?
         .ok_or(AuthError::Unknown)?;
-    if record.revoked_at_ms.is_some() || !constant_time_eq(&record.hash, &hash_secret(secret)) {
+    if record.revoked_at_ms.is_some()
+        || !constant_time_eq(record.hash.as_bytes(), hash_secret(secret).as_bytes())
+    {
         return Err(AuthError::Unknown);
     }
     let role = record.role.parse().map_err(|_| AuthError::Unknown)?;
@@ -128,12 +130,9 @@ fn hash_secret(secret: &str) -> String {
     hex::encode(Sha256::digest(secret.as_bytes()))
 }
 
-fn constant_time_eq(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
+/// Compares secrets without an early exit on the first differing byte.
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]

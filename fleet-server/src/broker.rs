@@ -344,12 +344,12 @@ impl Rules {
         let id = info.id();
         match id.lid {
             INTERNAL_LISTENER => {
-                let user_ok = info
-                    .username()
-                    .is_some_and(|u| constant_time_eq(u.as_bytes(), self.username.as_bytes()));
+                let user_ok = info.username().is_some_and(|u| {
+                    crate::auth::constant_time_eq(u.as_bytes(), self.username.as_bytes())
+                });
                 let password_ok = info
                     .password()
-                    .is_some_and(|p| constant_time_eq(p, self.password.as_bytes()));
+                    .is_some_and(|p| crate::auth::constant_time_eq(p, self.password.as_bytes()));
                 if user_ok && password_ok {
                     // Superuser: rmqtt skips the ACL hooks for this session.
                     AuthResult::Allow(true, None)
@@ -412,11 +412,6 @@ impl Rules {
         tracing::debug!(device = %device, "device connected");
         AuthResult::Allow(false, None)
     }
-}
-
-/// Compares secrets without an early exit on the first differing byte.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 struct RulesHook(Arc<Rules>);
@@ -666,8 +661,8 @@ mod tests {
         assert!(mosquitto_acl(&vars.topics).contains("pattern write driftgate/d/%u/up\n"));
         let line = mosquitto_password_line("server", "pw").unwrap();
         assert!(line.starts_with("server:$6$"));
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"ab"));
+        assert!(crate::auth::constant_time_eq(b"abc", b"abc"));
+        assert!(!crate::auth::constant_time_eq(b"abc", b"abd"));
+        assert!(!crate::auth::constant_time_eq(b"abc", b"ab"));
     }
 }

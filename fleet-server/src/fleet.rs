@@ -407,7 +407,7 @@ impl Fleet {
     }
 }
 
-/// Writes the CRL of every revoked device certificate to `path` (atomically).
+/// Writes the CRL of every revoked device certificate to `path` (atomically, durably).
 pub async fn write_crl_file(
     ca: &DeviceCa,
     store: &Store,
@@ -423,14 +423,8 @@ pub async fn write_crl_file(
     let crl = ca
         .crl_pem(&revoked, now_ms().max(1) as u64)
         .map_err(|e| FleetError::Ca(e.to_string()))?;
-    let tmp = path.with_extension("pem.tmp");
-    tokio::fs::write(&tmp, crl)
-        .await
-        .map_err(|e| FleetError::Ca(format!("{}: {e}", tmp.display())))?;
-    tokio::fs::rename(&tmp, path)
-        .await
-        .map_err(|e| FleetError::Ca(format!("{}: {e}", path.display())))?;
-    Ok(())
+    edge_agent::fsutil::atomic_write(path, crl.as_bytes())
+        .map_err(|e| FleetError::Ca(format!("{}: {e}", path.display())))
 }
 
 /// Release counters the device reports active, by model name.

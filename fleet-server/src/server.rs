@@ -373,10 +373,10 @@ fn write_endpoints(
         "public_broker_url": public_url,
         "pid": std::process::id(),
     });
-    let path = data_dir.join("endpoints.json");
-    let tmp = data_dir.join("endpoints.json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&body)?)?;
-    std::fs::rename(&tmp, &path)?;
+    edge_agent::fsutil::atomic_write(
+        &data_dir.join("endpoints.json"),
+        &serde_json::to_vec_pretty(&body)?,
+    )?;
     Ok(())
 }
 

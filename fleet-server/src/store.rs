@@ -865,7 +865,7 @@ impl Store {
                         latest_health = Some((item.at_ms, json_string(h)));
                     }
                     ItemBody::Drift(window) => {
-                        merge_drift(tx, device, window, item.at_ms).await?;
+                        merge_drift(tx, device, window).await?;
                     }
                     _ => {}
                 }
@@ -1026,7 +1026,6 @@ async fn merge_drift(
     tx: &mut sqlx::Transaction<'static, sqlx::Any>,
     device: &str,
     window: &DriftWindow,
-    _at_ms: i64,
 ) -> Result<(), StoreError> {
     let row = sqlx::query(
         "SELECT windows, flagged, first_ms, last_ms, merged FROM drift_merged WHERE device = $1 AND model = $2 AND release = $3 AND window_len = $4",
