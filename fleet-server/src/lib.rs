@@ -20,6 +20,6 @@ pub mod metrics; // the server's counters in Prometheus text
 pub mod profile; // fleetctl profile build: reference profiles from data, thresholds calibrated by bootstrap
 pub mod registry; // signed manifests and content-addressed blobs: push, verify, delete
 pub mod release; // signing a model's manifest, verifying a model against its manifest
-pub mod rollout; // rollouts: stage sizes, exponential ramps, deterministic sticky device selection spread by label
+pub mod rollout; // rollouts, pure: stage sizes and sticky device selection, specs, gates, the engine state machine
 pub mod server; // wires it all together: data dir, keys, store, broker, session, workers, API
 pub mod store; // one SQL layer over SQLite and PostgreSQL (sqlx Any), with migrations

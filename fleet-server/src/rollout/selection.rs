@@ -1,4 +1,4 @@
-//! Rollouts, part one: which devices a rollout reaches at each stage.
+//! Which devices a rollout reaches at each stage.
 //!
 //! Pure functions, no I/O. Selection is deterministic and sticky: every device gets a rank
 //! from a hash of the rollout id and its own id, and stage k takes the first n_k devices in
@@ -38,13 +38,13 @@ pub enum PlanError {
     BadRamp(String),
 }
 
-/// Checks a list of stages: sizes valid and never shrinking (a later stage may not take back
-/// devices an earlier one reached).
-pub fn check_stages(stages: &[StageSize], fleet: u64) -> Result<(), PlanError> {
+/// Checks a list of stages: at least one, every size valid. A stage that would take fewer
+/// devices than one before it (a count after a share, in a big fleet) is not an error: the
+/// devices a rollout reached stay reached, so stage k takes [`cumulative_target`].
+pub fn check_stages(stages: &[StageSize]) -> Result<(), PlanError> {
     if stages.is_empty() {
         return Err(PlanError::NoStages);
     }
-    let mut previous = 0;
     for (i, stage) in stages.iter().enumerate() {
         if let StageSize::Percent(p) = stage {
             if !(p.is_finite() && *p > 0.0 && *p <= 100.0) {
@@ -60,16 +60,19 @@ pub fn check_stages(stages: &[StageSize], fleet: u64) -> Result<(), PlanError> {
                 reason: "a stage of 0 devices".into(),
             });
         }
-        let n = stage_target(*stage, fleet);
-        if n < previous {
-            return Err(PlanError::BadStage {
-                stage: i + 1,
-                reason: format!("takes {n} devices, fewer than the {previous} before it"),
-            });
-        }
-        previous = n;
     }
     Ok(())
+}
+
+/// How many of `fleet` devices stage `k` (0-based) reaches: the most any stage up to it
+/// takes, so that a stage never gives devices back.
+pub fn cumulative_target(stages: &[StageSize], k: usize, fleet: u64) -> u64 {
+    stages
+        .iter()
+        .take(k + 1)
+        .map(|s| stage_target(*s, fleet))
+        .max()
+        .unwrap_or(0)
 }
 
 /// How many of `fleet` devices a stage reaches.
@@ -187,18 +190,22 @@ mod tests {
             StageSize::Percent(50.0),
             StageSize::Percent(100.0),
         ];
-        assert_eq!(check_stages(&ok, 20), Ok(()));
-        assert_eq!(check_stages(&[], 20), Err(PlanError::NoStages));
-        assert!(check_stages(&[StageSize::Percent(0.0)], 20).is_err());
-        assert!(check_stages(&[StageSize::Percent(120.0)], 20).is_err());
-        assert!(check_stages(&[StageSize::Percent(f64::NAN)], 20).is_err());
-        assert!(check_stages(&[StageSize::Count(0)], 20).is_err());
-        let shrinking = [StageSize::Count(5), StageSize::Percent(10.0)];
-        let e = check_stages(&shrinking, 20).unwrap_err().to_string();
-        assert!(
-            e.contains("stage 2") && e.contains("fewer than the 5"),
-            "{e}"
-        );
+        assert_eq!(check_stages(&ok), Ok(()));
+        assert_eq!(check_stages(&[]), Err(PlanError::NoStages));
+        assert!(check_stages(&[StageSize::Percent(0.0)]).is_err());
+        assert!(check_stages(&[StageSize::Percent(120.0)]).is_err());
+        assert!(check_stages(&[StageSize::Percent(f64::NAN)]).is_err());
+        let e = check_stages(&[StageSize::Percent(5.0), StageSize::Count(0)]).unwrap_err();
+        assert!(e.to_string().contains("stage 2"), "{e}");
+        // A count after a smaller share keeps the devices it reached.
+        let shrinking = [
+            StageSize::Count(5),
+            StageSize::Percent(10.0),
+            StageSize::Percent(100.0),
+        ];
+        assert_eq!(check_stages(&shrinking), Ok(()));
+        assert_eq!(cumulative_target(&shrinking, 1, 20), 5);
+        assert_eq!(cumulative_target(&shrinking, 2, 20), 20);
     }
 
     #[test]
@@ -206,7 +213,7 @@ mod tests {
         let stages = exponential_ramp(1, 3.0, 100).unwrap();
         let targets: Vec<u64> = stages.iter().map(|s| stage_target(*s, 100)).collect();
         assert_eq!(targets, vec![1, 3, 9, 27, 81, 100]);
-        assert_eq!(check_stages(&stages, 100), Ok(()));
+        assert_eq!(check_stages(&stages), Ok(()));
         // A factor barely above 1 still adds a device per stage.
         let slow = exponential_ramp(2, 1.01, 5).unwrap();
         let targets: Vec<u64> = slow.iter().map(|s| stage_target(*s, 5)).collect();
