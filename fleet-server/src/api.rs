@@ -18,10 +18,13 @@ use fleet_protocol::{decode, ModelName, ModelVersion, ReferenceProfile};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::auth::{self, AuthError, Role};
+use crate::auth::{self, AuthError, Caller, Role};
 use crate::fleet::{Fleet, FleetError};
 use crate::registry::{PushOutcome, Registry, RegistryError};
-use crate::store::{MergedDrift, ModelRecord, StoreError};
+use crate::rollout::engine::Command;
+use crate::rollout::RolloutRequest;
+use crate::rollout_runner::Actor;
+use crate::store::{now_ms, AuditEntry, MergedDrift, ModelRecord, StoreError};
 
 /// The OpenAPI 3.1 document, served as is.
 pub const OPENAPI: &str = include_str!("openapi.json");
@@ -112,7 +115,7 @@ impl From<RegistryError> for ApiError {
 type ApiResult<T> = Result<T, ApiError>;
 
 /// Checks the bearer token and that its role is at least `needed`.
-async fn authorize(fleet: &Fleet, headers: &HeaderMap, needed: Role) -> ApiResult<Role> {
+async fn authorize(fleet: &Fleet, headers: &HeaderMap, needed: Role) -> ApiResult<Caller> {
     let presented = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -123,9 +126,10 @@ async fn authorize(fleet: &Fleet, headers: &HeaderMap, needed: Role) -> ApiResul
     let Some(presented) = presented else {
         return Err(unauthorized(AuthError::Missing));
     };
-    let (_, role) = auth::authenticate(&fleet.store, presented)
+    let caller = auth::authenticate(&fleet.store, presented)
         .await
         .map_err(unauthorized)?;
+    let role = caller.role;
     if role < needed {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -133,7 +137,32 @@ async fn authorize(fleet: &Fleet, headers: &HeaderMap, needed: Role) -> ApiResul
             format!("this needs the {needed} role; the token has {role}"),
         ));
     }
-    Ok(role)
+    Ok(caller)
+}
+
+/// Records an operator's action in the audit log. The action has happened: a failure to
+/// record it is logged, not turned into a failed request.
+async fn audit(
+    fleet: &Fleet,
+    caller: &Caller,
+    action: &str,
+    subject: &str,
+    message: String,
+    details: Value,
+) {
+    let entry = AuditEntry {
+        id: 0,
+        at_ms: now_ms(),
+        actor: caller.actor(),
+        action: action.to_string(),
+        rollout: None,
+        subject: Some(subject.to_string()),
+        message,
+        details,
+    };
+    if let Err(e) = fleet.store.append_audit(&[entry]).await {
+        tracing::error!(error = %e, action, subject, "audit entry not stored");
+    }
 }
 
 /// The router, with every route.
@@ -168,6 +197,10 @@ pub fn router(fleet: Arc<Fleet>) -> Router {
         .route("/api/v1/devices/{id}/revoke", post(revoke_device))
         .route("/api/v1/devices/{id}/items", get(device_items))
         .route("/api/v1/tokens", post(create_token))
+        .route("/api/v1/rollouts", get(list_rollouts).post(create_rollout))
+        .route("/api/v1/rollouts/{id}", get(show_rollout))
+        .route("/api/v1/rollouts/{id}/{command}", post(command_rollout))
+        .route("/api/v1/audit", get(audit_log))
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(axum::middleware::from_fn_with_state(
             fleet.clone(),
@@ -263,7 +296,7 @@ async fn push_parts(
     headers: &HeaderMap,
     multipart: &mut Multipart,
 ) -> ApiResult<Response> {
-    authorize(fleet, headers, Role::Operator).await?;
+    let caller = authorize(fleet, headers, Role::Operator).await?;
     let bad_part = |e: axum::extract::multipart::MultipartError| {
         ApiError::new(
             e.status(),
@@ -338,6 +371,24 @@ async fn push_parts(
         PushOutcome::Stored => StatusCode::CREATED,
         PushOutcome::AlreadyPresent => StatusCode::OK,
     };
+    if outcome == PushOutcome::Stored {
+        audit(
+            fleet,
+            &caller,
+            "model_pushed",
+            &format!("{}@{}", record.name, record.version),
+            format!(
+                "{} pushed {}@{} (release {}, sha256 {})",
+                caller.actor(),
+                record.name,
+                record.version,
+                record.release,
+                record.sha256
+            ),
+            json!({"release": record.release, "sha256": record.sha256, "size": record.size}),
+        )
+        .await;
+    }
     Ok((
         status,
         Json(json!({ "model": record, "stored": outcome == PushOutcome::Stored })),
@@ -365,9 +416,18 @@ async fn delete_model(
     headers: HeaderMap,
     Path((name, version)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
-    authorize(&fleet, &headers, Role::Operator).await?;
+    let caller = authorize(&fleet, &headers, Role::Operator).await?;
     check_model_path(&name, &version)?;
     fleet.registry.delete(&name, &version).await?;
+    audit(
+        &fleet,
+        &caller,
+        "model_deleted",
+        &format!("{name}@{version}"),
+        format!("{} deleted {name}@{version}", caller.actor()),
+        json!({}),
+    )
+    .await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -589,11 +649,20 @@ async fn enroll_device(
     headers: HeaderMap,
     body: Result<Json<EnrollRequest>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    authorize(&fleet, &headers, Role::Operator).await?;
+    let caller = authorize(&fleet, &headers, Role::Operator).await?;
     let Json(request) = body.map_err(|e| ApiError::invalid(e.body_text()))?;
     let bundle = fleet
-        .enroll(&request.id, request.labels, request.api_listen)
+        .enroll(&request.id, request.labels.clone(), request.api_listen)
         .await?;
+    audit(
+        &fleet,
+        &caller,
+        "device_enrolled",
+        &request.id,
+        format!("{} enrolled {}", caller.actor(), request.id),
+        json!({"labels": request.labels}),
+    )
+    .await;
     Ok((StatusCode::CREATED, Json(json!({ "bundle": bundle }))))
 }
 
@@ -629,9 +698,23 @@ async fn assign_model(
     Path(id): Path<String>,
     body: Result<Json<AssignRequest>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<Json<Value>> {
-    authorize(&fleet, &headers, Role::Operator).await?;
+    let caller = authorize(&fleet, &headers, Role::Operator).await?;
     let Json(request) = body.map_err(|e| ApiError::invalid(e.body_text()))?;
     let seq = fleet.assign(&id, &request.model, &request.version).await?;
+    audit(
+        &fleet,
+        &caller,
+        "model_assigned",
+        &id,
+        format!(
+            "{} assigned {}@{} to {id}",
+            caller.actor(),
+            request.model,
+            request.version
+        ),
+        json!({"model": request.model, "version": request.version, "directive_seq": seq}),
+    )
+    .await;
     Ok(Json(json!({ "device": id, "directive_seq": seq })))
 }
 
@@ -640,8 +723,17 @@ async fn unassign_model(
     headers: HeaderMap,
     Path((id, model)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    authorize(&fleet, &headers, Role::Operator).await?;
+    let caller = authorize(&fleet, &headers, Role::Operator).await?;
     let seq = fleet.unassign(&id, &model).await?;
+    audit(
+        &fleet,
+        &caller,
+        "model_unassigned",
+        &id,
+        format!("{} removed {model} from {id}", caller.actor()),
+        json!({"model": model, "directive_seq": seq}),
+    )
+    .await;
     Ok(Json(json!({ "device": id, "directive_seq": seq })))
 }
 
@@ -650,8 +742,17 @@ async fn revoke_device(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    authorize(&fleet, &headers, Role::Admin).await?;
+    let caller = authorize(&fleet, &headers, Role::Admin).await?;
     let newly = fleet.revoke(&id).await?;
+    audit(
+        &fleet,
+        &caller,
+        "device_revoked",
+        &id,
+        format!("{} revoked {id}", caller.actor()),
+        json!({"already_revoked": !newly}),
+    )
+    .await;
     Ok(Json(
         json!({ "device": id, "revoked": true, "already_revoked": !newly }),
     ))
@@ -698,10 +799,178 @@ async fn create_token(
     headers: HeaderMap,
     body: Result<Json<TokenRequest>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    authorize(&fleet, &headers, Role::Admin).await?;
+    let caller = authorize(&fleet, &headers, Role::Admin).await?;
     let Json(request) = body.map_err(|e| ApiError::invalid(e.body_text()))?;
     let token = auth::create_token(&fleet.store, request.role, &request.name).await?;
+    audit(
+        &fleet,
+        &caller,
+        "token_created",
+        &token.id,
+        format!(
+            "{} created a {} token {:?} ({})",
+            caller.actor(),
+            request.role,
+            request.name,
+            token.id
+        ),
+        json!({"role": request.role, "name": request.name}),
+    )
+    .await;
     Ok((StatusCode::CREATED, Json(json!(token))))
+}
+
+// ---- rollouts and the audit log ----------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+struct RolloutQuery {
+    #[serde(default)]
+    model: Option<String>,
+    /// Only running, paused or rolling back.
+    #[serde(default)]
+    active: bool,
+}
+
+async fn list_rollouts(
+    State(fleet): State<Arc<Fleet>>,
+    headers: HeaderMap,
+    Query(q): Query<RolloutQuery>,
+) -> ApiResult<Json<Value>> {
+    authorize(&fleet, &headers, Role::Viewer).await?;
+    let rollouts: Vec<Value> = fleet
+        .store
+        .rollouts(q.model.as_deref(), q.active)
+        .await?
+        .iter()
+        .map(rollout_summary)
+        .collect();
+    Ok(Json(json!({ "rollouts": rollouts })))
+}
+
+/// A rollout's one-line view: where it is, and its devices by outcome.
+fn rollout_summary(r: &crate::store::RolloutRecord) -> Value {
+    let mut outcomes: BTreeMap<&str, u64> = BTreeMap::new();
+    for d in r.state.devices.values() {
+        let key = match d.outcome {
+            crate::rollout::Outcome::Pending => "pending",
+            crate::rollout::Outcome::Installed => "installed",
+            crate::rollout::Outcome::Failed => "failed",
+            crate::rollout::Outcome::TimedOut => "timed_out",
+            crate::rollout::Outcome::Gone => "gone",
+            crate::rollout::Outcome::Reverted => "reverted",
+        };
+        *outcomes.entry(key).or_default() += 1;
+    }
+    json!({
+        "id": r.id,
+        "model": r.model,
+        "version": r.version,
+        "phase": r.phase,
+        "stage": r.state.stage + 1,
+        "stages": r.spec.stages.len(),
+        "reason": r.state.reason,
+        "devices": r.state.devices.len(),
+        "outcomes": outcomes,
+        "soak_started_ms": r.state.soak_started_ms,
+        "soak_secs": r.spec.stages.get(r.state.stage).map(|s| s.soak_secs),
+        "created_by": r.created_by,
+        "created_at_ms": r.created_at_ms,
+        "updated_at_ms": r.updated_at_ms,
+        "finished_ms": r.state.finished_ms,
+    })
+}
+
+async fn create_rollout(
+    State(fleet): State<Arc<Fleet>>,
+    headers: HeaderMap,
+    body: Result<Json<RolloutRequest>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let caller = authorize(&fleet, &headers, Role::Operator).await?;
+    let Json(request) = body.map_err(|e| ApiError::invalid(e.body_text()))?;
+    check_model_path(&request.model, &request.version)?;
+    let record = fleet
+        .create_rollout(request, &Actor(caller.actor()))
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "rollout": rollout_summary(&record), "spec": record.spec })),
+    ))
+}
+
+async fn show_rollout(
+    State(fleet): State<Arc<Fleet>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    authorize(&fleet, &headers, Role::Viewer).await?;
+    let record = fleet
+        .store
+        .rollout(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no rollout {id}")))?;
+    Ok(Json(json!({
+        "rollout": rollout_summary(&record),
+        "spec": record.spec,
+        "devices": record.state.devices,
+        "evaluations": record.state.evaluations,
+    })))
+}
+
+#[derive(Debug, Deserialize, Default)]
+struct CommandBody {
+    /// Why, for the audit log.
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+async fn command_rollout(
+    State(fleet): State<Arc<Fleet>>,
+    headers: HeaderMap,
+    Path((id, command)): Path<(String, String)>,
+    body: Option<Json<CommandBody>>,
+) -> ApiResult<Json<Value>> {
+    let caller = authorize(&fleet, &headers, Role::Operator).await?;
+    let command = match command.as_str() {
+        "pause" => Command::Pause,
+        "resume" => Command::Resume,
+        "abort" => Command::Abort,
+        "rollback" => Command::Rollback,
+        other => {
+            return Err(ApiError::not_found(format!(
+                "no rollout command {other:?}: pause, resume, abort or rollback"
+            )))
+        }
+    };
+    let mut actor = caller.actor();
+    if let Some(reason) = body.and_then(|Json(b)| b.reason) {
+        actor = format!("{actor}, because: {reason}");
+    }
+    let record = fleet.command_rollout(&id, command, &Actor(actor)).await?;
+    Ok(Json(json!({ "rollout": rollout_summary(&record) })))
+}
+
+#[derive(Debug, Deserialize)]
+struct AuditQuery {
+    #[serde(default)]
+    rollout: Option<String>,
+    #[serde(default)]
+    after_id: i64,
+    #[serde(default = "default_limit")]
+    limit: i64,
+}
+
+/// The audit log: operators' actions and the engine's decisions, oldest first.
+async fn audit_log(
+    State(fleet): State<Arc<Fleet>>,
+    headers: HeaderMap,
+    Query(q): Query<AuditQuery>,
+) -> ApiResult<Json<Value>> {
+    authorize(&fleet, &headers, Role::Viewer).await?;
+    let entries = fleet
+        .store
+        .audit(q.rollout.as_deref(), q.after_id, q.limit.clamp(1, 10_000))
+        .await?;
+    Ok(Json(json!({ "entries": entries })))
 }
 
 #[cfg(test)]
@@ -728,6 +997,10 @@ mod tests {
             "/api/v1/devices/{id}/revoke",
             "/api/v1/devices/{id}/items",
             "/api/v1/tokens",
+            "/api/v1/rollouts",
+            "/api/v1/rollouts/{id}",
+            "/api/v1/rollouts/{id}/{command}",
+            "/api/v1/audit",
         ] {
             assert!(paths.contains_key(route), "{route} is not documented");
         }

@@ -102,8 +102,27 @@ pub async fn create_token(store: &Store, role: Role, name: &str) -> Result<NewTo
     })
 }
 
-/// Checks a presented token; returns its id and role.
-pub async fn authenticate(store: &Store, presented: &str) -> Result<(String, Role), AuthError> {
+/// Who presented a valid token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub token_id: String,
+    pub name: String,
+    pub role: Role,
+}
+
+impl Caller {
+    /// How the audit log names this caller: the token's name and id.
+    pub fn actor(&self) -> String {
+        if self.name.is_empty() {
+            format!("token {}", self.token_id)
+        } else {
+            format!("{} ({})", self.name, self.token_id)
+        }
+    }
+}
+
+/// Checks a presented token; returns who holds it.
+pub async fn authenticate(store: &Store, presented: &str) -> Result<Caller, AuthError> {
     let rest = presented.strip_prefix(PREFIX).ok_or(AuthError::Malformed)?;
     let (id, secret) = rest.split_once('_').ok_or(AuthError::Malformed)?;
     if id.len() != 12 || secret.len() != 64 {
@@ -123,7 +142,11 @@ pub async fn authenticate(store: &Store, presented: &str) -> Result<(String, Rol
         return Err(AuthError::Unknown);
     }
     let role = record.role.parse().map_err(|_| AuthError::Unknown)?;
-    Ok((record.id, role))
+    Ok(Caller {
+        token_id: record.id,
+        name: record.name,
+        role,
+    })
 }
 
 fn hash_secret(secret: &str) -> String {
@@ -147,7 +170,11 @@ mod tests {
         let t = create_token(&store, Role::Operator, "ci").await.unwrap();
         assert_eq!(
             authenticate(&store, &t.token).await.unwrap(),
-            (t.id.clone(), Role::Operator)
+            Caller {
+                token_id: t.id.clone(),
+                name: "ci".into(),
+                role: Role::Operator
+            }
         );
         let mut wrong = t.token.clone();
         wrong.pop();

@@ -37,6 +37,9 @@
 //!
 //! [devices]
 //! cert_valid_days = 825                  # default 825: device certificates' lifetime
+//!
+//! [rollouts]
+//! tick_ms = 1000                         # default 1 s: how often the engine looks at every active rollout
 //! ```
 
 use std::net::SocketAddr;
@@ -84,6 +87,8 @@ pub struct ServerConfig {
     pub artifacts: ArtifactConfig,
     #[serde(default)]
     pub devices: DeviceConfig,
+    #[serde(default)]
+    pub rollouts: RolloutConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -150,6 +155,25 @@ pub struct ArtifactConfig {
 pub struct DeviceConfig {
     #[serde(default = "default_cert_days")]
     pub cert_valid_days: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutConfig {
+    #[serde(default = "default_tick_ms")]
+    pub tick_ms: u64,
+}
+
+impl Default for RolloutConfig {
+    fn default() -> Self {
+        RolloutConfig {
+            tick_ms: default_tick_ms(),
+        }
+    }
+}
+
+fn default_tick_ms() -> u64 {
+    1000
 }
 
 fn default_data_dir() -> PathBuf {
@@ -256,6 +280,7 @@ impl Default for ServerConfig {
             directives: DirectiveConfig::default(),
             artifacts: ArtifactConfig::default(),
             devices: DeviceConfig::default(),
+            rollouts: RolloutConfig::default(),
         }
     }
 }
@@ -362,6 +387,12 @@ impl ServerConfig {
             return Err(invalid(
                 "artifacts.device_chunks_per_sec",
                 "must be at least 1".into(),
+            ));
+        }
+        if !(10..=60_000).contains(&self.rollouts.tick_ms) {
+            return Err(invalid(
+                "rollouts.tick_ms",
+                format!("{} is outside 10..=60000", self.rollouts.tick_ms),
             ));
         }
         if self.devices.cert_valid_days == 0 {

@@ -138,6 +138,8 @@ pub struct Fleet {
     pub fleet_key: SigningKey,
     pub fleet_public_pem: String,
     pub release_public_pems: Vec<String>,
+    /// Rollouts: one writer at a time, and the engine loop's wake-up.
+    pub rollouts: crate::rollout_runner::RolloutControl,
 }
 
 impl Fleet {

@@ -21,5 +21,6 @@ pub mod profile; // fleetctl profile build: reference profiles from data, thresh
 pub mod registry; // signed manifests and content-addressed blobs: push, verify, delete
 pub mod release; // signing a model's manifest, verifying a model against its manifest
 pub mod rollout; // rollouts, pure: stage sizes and sticky device selection, specs, gates, the engine state machine
+pub mod rollout_runner; // the engine's loop: facts and gate figures from the store, actions through the fleet, audit
 pub mod server; // wires it all together: data dir, keys, store, broker, session, workers, API
 pub mod store; // one SQL layer over SQLite and PostgreSQL (sqlx Any), with migrations

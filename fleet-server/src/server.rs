@@ -329,9 +329,15 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer> {
         fleet_key,
         release_public_pems,
         config: config.clone(),
+        rollouts: Default::default(),
     });
     fleet.write_crl().await?;
     fleet.republish_directives().await?;
+    tasks.push(tokio::spawn(crate::rollout_runner::run(
+        fleet.clone(),
+        Duration::from_millis(config.rollouts.tick_ms),
+        shutdown_rx.clone(),
+    )));
 
     let listener = tokio::net::TcpListener::bind(config.api.listen)
         .await

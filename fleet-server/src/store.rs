@@ -9,10 +9,13 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use fleet_protocol::drift::DriftWindow;
-use fleet_protocol::outbox::{Batch, ItemBody};
+use fleet_protocol::histogram::LatencyHistogram;
+use fleet_protocol::outbox::{Batch, ItemBody, Telemetry};
 use serde::{Deserialize, Serialize};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, AssertSqlSafe, Row};
+
+use crate::rollout::{Phase, RolloutSpec, RolloutState};
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -34,10 +37,12 @@ pub enum Dialect {
     Postgres,
 }
 
-/// Migrations, in order. `{blob}` becomes the dialect's byte-string type.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    "
+/// Migrations, in order. `{blob}` becomes the dialect's byte-string type, `{serial}` an
+/// auto-incrementing integer primary key.
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        "
 CREATE TABLE devices (
     id TEXT PRIMARY KEY,
     labels TEXT NOT NULL,
@@ -129,7 +134,50 @@ CREATE TABLE tokens (
     revoked_at_ms BIGINT
 );
 ",
-)];
+    ),
+    (
+        2,
+        "
+CREATE TABLE telemetry_merged (
+    device TEXT NOT NULL,
+    model TEXT NOT NULL,
+    release BIGINT NOT NULL,
+    reports BIGINT NOT NULL,
+    inferences BIGINT NOT NULL,
+    errors BIGINT NOT NULL,
+    latency TEXT NOT NULL,
+    first_ms BIGINT NOT NULL,
+    last_ms BIGINT NOT NULL,
+    PRIMARY KEY (device, model, release)
+);
+CREATE INDEX telemetry_merged_by_model ON telemetry_merged (model, release);
+CREATE TABLE rollouts (
+    id TEXT PRIMARY KEY,
+    seq BIGINT NOT NULL UNIQUE,
+    model TEXT NOT NULL,
+    version TEXT NOT NULL,
+    phase TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created_by TEXT NOT NULL,
+    created_at_ms BIGINT NOT NULL,
+    updated_at_ms BIGINT NOT NULL
+);
+CREATE INDEX rollouts_by_model ON rollouts (model, phase);
+CREATE TABLE audit (
+    id {serial},
+    at_ms BIGINT NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    rollout TEXT,
+    subject TEXT,
+    message TEXT NOT NULL,
+    details TEXT NOT NULL
+);
+CREATE INDEX audit_by_rollout ON audit (rollout, id);
+",
+    ),
+];
 
 /// Items per multi-row INSERT (8 values each; far below either engine's parameter limit).
 const INSERT_CHUNK: usize = 128;
@@ -223,6 +271,53 @@ pub struct MergedDrift {
     pub merged: DriftWindow,
 }
 
+/// Telemetry of one model release on one device, added up over every report.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TelemetryTotals {
+    pub device: String,
+    pub model: String,
+    pub release: i64,
+    pub reports: i64,
+    /// Inferences, failed ones included.
+    pub inferences: i64,
+    pub errors: i64,
+    pub latency: LatencyHistogram,
+    pub first_ms: i64,
+    pub last_ms: i64,
+}
+
+/// A rollout: what was asked, and where the engine has it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RolloutRecord {
+    pub id: String,
+    pub seq: i64,
+    pub model: String,
+    pub version: String,
+    pub phase: Phase,
+    pub spec: RolloutSpec,
+    pub state: RolloutState,
+    pub created_by: String,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+/// One audit log entry: an operator's action or an engine's decision.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AuditEntry {
+    /// Assigned by the store, increasing.
+    #[serde(default)]
+    pub id: i64,
+    pub at_ms: i64,
+    /// `engine`, or the token's name and id for an operator.
+    pub actor: String,
+    pub action: String,
+    pub rollout: Option<String>,
+    /// What it acted on: a device, a model version, a token.
+    pub subject: Option<String>,
+    pub message: String,
+    pub details: serde_json::Value,
+}
+
 /// What storing one uplink batch did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IngestOutcome {
@@ -303,6 +398,10 @@ impl Store {
             Dialect::Sqlite => "BLOB",
             Dialect::Postgres => "BYTEA",
         };
+        let serial = match self.dialect {
+            Dialect::Sqlite => "INTEGER PRIMARY KEY AUTOINCREMENT",
+            Dialect::Postgres => "BIGSERIAL PRIMARY KEY",
+        };
         for (version, sql) in MIGRATIONS {
             let mut tx = self.begin_write().await?;
             let applied: Option<i64> =
@@ -313,12 +412,15 @@ impl Store {
             if applied.is_some() {
                 continue;
             }
-            let sql = sql.replace("{blob}", blob);
+            let sql = sql.replace("{blob}", blob).replace("{serial}", serial);
             for statement in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
                 // Our own migration text, never outside input.
                 sqlx::query(AssertSqlSafe(statement.to_string()))
                     .execute(&mut *tx)
                     .await?;
+            }
+            if *version == 2 {
+                backfill_telemetry(&mut tx).await?;
             }
             sqlx::query("INSERT INTO schema_migrations (version, applied_at_ms) VALUES ($1, $2)")
                 .bind(*version)
@@ -661,6 +763,20 @@ impl Store {
         Ok(done.rows_affected() > 0)
     }
 
+    /// Every device's assignment of one model: (device, version).
+    pub async fn assignments_of_model(
+        &self,
+        model: &str,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        let rows = sqlx::query("SELECT device, version FROM assignments WHERE model = $1")
+            .bind(model)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect()
+    }
+
     pub async fn assignments(&self, device: &str) -> Result<Vec<Assignment>, StoreError> {
         let rows = sqlx::query(
             "SELECT device, model, version, assigned_at_ms FROM assignments WHERE device = $1 ORDER BY model",
@@ -867,6 +983,9 @@ impl Store {
                     ItemBody::Drift(window) => {
                         merge_drift(tx, device, window).await?;
                     }
+                    ItemBody::Telemetry(t) => {
+                        merge_telemetry(tx, device, item.at_ms, t).await?;
+                    }
                     _ => {}
                 }
             }
@@ -984,6 +1103,171 @@ impl Store {
             .collect()
     }
 
+    /// Telemetry totals of one model release, per device.
+    pub async fn telemetry_totals(
+        &self,
+        model: &str,
+        release: i64,
+    ) -> Result<Vec<TelemetryTotals>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT device, model, release, reports, inferences, errors, latency, first_ms, last_ms FROM telemetry_merged WHERE model = $1 AND release = $2 ORDER BY device",
+        )
+        .bind(model)
+        .bind(release)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let latency: String = r.try_get(6)?;
+                Ok(TelemetryTotals {
+                    device: r.try_get(0)?,
+                    model: r.try_get(1)?,
+                    release: r.try_get(2)?,
+                    reports: r.try_get(3)?,
+                    inferences: r.try_get(4)?,
+                    errors: r.try_get(5)?,
+                    latency: parse_json(&latency, "merged latency histogram")?,
+                    first_ms: r.try_get(7)?,
+                    last_ms: r.try_get(8)?,
+                })
+            })
+            .collect()
+    }
+
+    // ---- rollouts and the audit log -------------------------------------------------------
+
+    /// Stores a new rollout with its audit entry; its `seq` is the next number and its id
+    /// `r{seq}`. Returns the record as stored.
+    pub async fn insert_rollout(
+        &self,
+        mut record: RolloutRecord,
+        entry: AuditEntry,
+    ) -> Result<RolloutRecord, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let last: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM rollouts")
+            .fetch_one(&mut *tx)
+            .await?;
+        record.seq = last.unwrap_or(0) + 1;
+        record.id = format!("r{}", record.seq);
+        record.state.id = record.id.clone();
+        sqlx::query(
+            "INSERT INTO rollouts (id, seq, model, version, phase, spec, state, created_by, created_at_ms, updated_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        )
+        .bind(&record.id)
+        .bind(record.seq)
+        .bind(&record.model)
+        .bind(&record.version)
+        .bind(record.phase.as_str())
+        .bind(json_string(&record.spec))
+        .bind(json_string(&record.state))
+        .bind(&record.created_by)
+        .bind(record.created_at_ms)
+        .bind(record.updated_at_ms)
+        .execute(&mut *tx)
+        .await?;
+        let entry = AuditEntry {
+            rollout: Some(record.id.clone()),
+            ..entry
+        };
+        insert_audit(&mut tx, &entry).await?;
+        tx.commit().await?;
+        Ok(record)
+    }
+
+    /// Saves a rollout's state and the audit entries that explain it, together.
+    pub async fn save_rollout(
+        &self,
+        id: &str,
+        state: &RolloutState,
+        entries: &[AuditEntry],
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
+        let updated = sqlx::query(
+            "UPDATE rollouts SET phase = $1, state = $2, updated_at_ms = $3 WHERE id = $4",
+        )
+        .bind(state.phase.as_str())
+        .bind(json_string(state))
+        .bind(now_ms())
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        if updated.rows_affected() == 0 {
+            return Err(StoreError::Conflict(format!("no rollout {id}")));
+        }
+        for entry in entries {
+            insert_audit(&mut tx, entry).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn rollout(&self, id: &str) -> Result<Option<RolloutRecord>, StoreError> {
+        let row = sqlx::query(AssertSqlSafe(format!("{ROLLOUT_COLUMNS} WHERE id = $1")))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(rollout_from_row).transpose()
+    }
+
+    /// Rollouts, newest first; only the active ones (running, paused, rolling back) when
+    /// `active_only`, and of one model when given.
+    pub async fn rollouts(
+        &self,
+        model: Option<&str>,
+        active_only: bool,
+    ) -> Result<Vec<RolloutRecord>, StoreError> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "{ROLLOUT_COLUMNS} WHERE ($1 = '' OR model = $1) AND ($2 = 0 OR phase IN ('running', 'paused', 'rolling_back')) ORDER BY seq DESC"
+        )))
+        .bind(model.unwrap_or(""))
+        .bind(i64::from(active_only))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(rollout_from_row).collect()
+    }
+
+    /// Appends entries to the audit log.
+    pub async fn append_audit(&self, entries: &[AuditEntry]) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
+        for entry in entries {
+            insert_audit(&mut tx, entry).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Audit entries after `after_id`, oldest first; of one rollout when given.
+    pub async fn audit(
+        &self,
+        rollout: Option<&str>,
+        after_id: i64,
+        limit: i64,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, at_ms, actor, action, rollout, subject, message, details FROM audit WHERE id > $1 AND ($2 = '' OR rollout = $2) ORDER BY id LIMIT $3",
+        )
+        .bind(after_id)
+        .bind(rollout.unwrap_or(""))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let details: String = r.try_get(7)?;
+                Ok(AuditEntry {
+                    id: r.try_get(0)?,
+                    at_ms: r.try_get(1)?,
+                    actor: r.try_get(2)?,
+                    action: r.try_get(3)?,
+                    rollout: r.try_get(4)?,
+                    subject: r.try_get(5)?,
+                    message: r.try_get(6)?,
+                    details: parse_json(&details, "audit details")?,
+                })
+            })
+            .collect()
+    }
+
     // ---- tokens --------------------------------------------------------------------------
 
     pub async fn insert_token(&self, token: &TokenRecord) -> Result<(), StoreError> {
@@ -1087,6 +1371,134 @@ async fn merge_drift(
         }
     }
     Ok(())
+}
+
+/// Adds one telemetry report into the device's totals for its model release.
+async fn merge_telemetry(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    device: &str,
+    at_ms: i64,
+    t: &Telemetry,
+) -> Result<(), StoreError> {
+    let key = (t.model.as_str(), t.release as i64);
+    let row = sqlx::query(
+        "SELECT reports, inferences, errors, latency, first_ms, last_ms FROM telemetry_merged WHERE device = $1 AND model = $2 AND release = $3",
+    )
+    .bind(device)
+    .bind(key.0)
+    .bind(key.1)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let inferences = i64::try_from(t.inferences).unwrap_or(i64::MAX);
+    let errors = i64::try_from(t.errors.values().sum::<u64>()).unwrap_or(i64::MAX);
+    match row {
+        None => {
+            sqlx::query(
+                "INSERT INTO telemetry_merged (device, model, release, reports, inferences, errors, latency, first_ms, last_ms) VALUES ($1, $2, $3, 1, $4, $5, $6, $7, $7)",
+            )
+            .bind(device)
+            .bind(key.0)
+            .bind(key.1)
+            .bind(inferences)
+            .bind(errors)
+            .bind(json_string(&t.latency))
+            .bind(at_ms)
+            .execute(&mut **tx)
+            .await?;
+        }
+        Some(row) => {
+            let reports: i64 = row.try_get(0)?;
+            let inferences_before: i64 = row.try_get(1)?;
+            let errors_before: i64 = row.try_get(2)?;
+            let latency: String = row.try_get(3)?;
+            let first: i64 = row.try_get(4)?;
+            let last: i64 = row.try_get(5)?;
+            let mut latency: LatencyHistogram = parse_json(&latency, "merged latency histogram")?;
+            latency.merge(&t.latency);
+            sqlx::query(
+                "UPDATE telemetry_merged SET reports = $1, inferences = $2, errors = $3, latency = $4, first_ms = $5, last_ms = $6 WHERE device = $7 AND model = $8 AND release = $9",
+            )
+            .bind(reports + 1)
+            .bind(inferences_before.saturating_add(inferences))
+            .bind(errors_before.saturating_add(errors))
+            .bind(json_string(&latency))
+            .bind(first.min(at_ms))
+            .bind(last.max(at_ms))
+            .bind(device)
+            .bind(key.0)
+            .bind(key.1)
+            .execute(&mut **tx)
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Migration 2 adds the telemetry totals: add up what is already stored.
+async fn backfill_telemetry(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+) -> Result<(), StoreError> {
+    let mut after = (String::new(), -1i64);
+    loop {
+        let rows = sqlx::query(
+            "SELECT device, id, at_ms, body FROM items WHERE kind = 'telemetry' AND (device > $1 OR (device = $1 AND id > $2)) ORDER BY device, id LIMIT 1000",
+        )
+        .bind(&after.0)
+        .bind(after.1)
+        .fetch_all(&mut **tx)
+        .await?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        for r in &rows {
+            let device: String = r.try_get(0)?;
+            let at_ms: i64 = r.try_get(2)?;
+            let body: String = r.try_get(3)?;
+            if let Ok(ItemBody::Telemetry(t)) = serde_json::from_str::<ItemBody>(&body) {
+                merge_telemetry(tx, &device, at_ms, &t).await?;
+            }
+            after = (device, r.try_get(1)?);
+        }
+    }
+}
+
+async fn insert_audit(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    entry: &AuditEntry,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO audit (at_ms, actor, action, rollout, subject, message, details) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(entry.at_ms)
+    .bind(&entry.actor)
+    .bind(&entry.action)
+    .bind(entry.rollout.as_deref())
+    .bind(entry.subject.as_deref())
+    .bind(&entry.message)
+    .bind(json_string(&entry.details))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+const ROLLOUT_COLUMNS: &str = "SELECT id, seq, model, version, phase, spec, state, created_by, created_at_ms, updated_at_ms FROM rollouts";
+
+fn rollout_from_row(r: &AnyRow) -> Result<RolloutRecord, StoreError> {
+    let spec: String = r.try_get(5)?;
+    let state: String = r.try_get(6)?;
+    let state: RolloutState = parse_json(&state, "rollout state")?;
+    Ok(RolloutRecord {
+        id: r.try_get(0)?,
+        seq: r.try_get(1)?,
+        model: r.try_get(2)?,
+        version: r.try_get(3)?,
+        phase: state.phase,
+        spec: parse_json(&spec, "rollout spec")?,
+        state,
+        created_by: r.try_get(7)?,
+        created_at_ms: r.try_get(8)?,
+        updated_at_ms: r.try_get(9)?,
+    })
 }
 
 const DEVICE_COLUMNS: &str = "SELECT id, labels, cert_serial, cert_not_after_ms, enrolled_at_ms, revoked_at_ms, directive_seq, presence, presence_at_ms, agent_version, state, state_at_ms, health, health_at_ms, acked_up_to FROM devices";

@@ -11,6 +11,8 @@ use fleet_server::{keyfile, profile, release};
 
 #[path = "fleetctl/online.rs"]
 mod online;
+#[path = "fleetctl/rollout.rs"]
+mod rollout;
 
 #[derive(Parser)]
 #[command(name = "fleetctl", version, about = "Operate a Driftgate fleet")]
@@ -35,6 +37,17 @@ enum Command {
     /// Devices: enroll, list, show, assign, revoke (online).
     #[command(subcommand)]
     Device(online::DeviceCommand),
+    /// Staged rollouts: create, list, show, pause, resume, abort, rollback, watch (online).
+    #[command(subcommand)]
+    Rollout(rollout::RolloutCommand),
+    /// The audit log: operators' actions and the engine's decisions, oldest first (online).
+    Audit {
+        /// Only this rollout's entries.
+        #[arg(long)]
+        rollout: Option<String>,
+        #[arg(long, default_value_t = 200)]
+        limit: u32,
+    },
     /// A model version's telemetry across the fleet (online).
     Telemetry {
         /// MODEL@VERSION
@@ -204,6 +217,10 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Model(ModelCommand::Registry(command)) => online::registry(command, &cli.server)?,
         Command::Device(command) => online::device(command, &cli.server)?,
+        Command::Rollout(command) => rollout::rollout(command, &cli.server)?,
+        Command::Audit { rollout, limit } => {
+            rollout::audit(rollout.as_deref(), limit, &cli.server)?
+        }
         Command::Telemetry { model } => online::telemetry(&model, &cli.server)?,
         Command::Drift { model, label } => online::drift(&model, label.as_deref(), &cli.server)?,
         Command::Keys(KeysCommand::Gen { out, name }) => {

@@ -102,14 +102,14 @@ pub fn split_model(spec: &str) -> Result<(&str, &str)> {
 }
 
 /// Path segments are validated by the server too; refusing here gives a clearer message.
-fn segment(s: &str) -> Result<&str> {
+pub fn segment(s: &str) -> Result<&str> {
     if s.is_empty() || s.contains(['/', '?', '#', '%']) || s == "." || s == ".." {
         bail!("{s:?} cannot be a name: no '/', '?', '#', '%', '.' or '..'");
     }
     Ok(s)
 }
 
-fn print_json(value: &Value) -> Result<()> {
+pub fn print_json(value: &Value) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
@@ -136,7 +136,7 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
     }
 }
 
-fn s(v: &Value) -> String {
+pub fn s(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
         Value::String(s) => s.clone(),
@@ -144,7 +144,7 @@ fn s(v: &Value) -> String {
     }
 }
 
-fn ago(ms: &Value) -> String {
+pub fn ago(ms: &Value) -> String {
     let Some(ms) = ms.as_i64() else {
         return "-".into();
     };
