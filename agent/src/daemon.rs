@@ -45,8 +45,17 @@ pub fn read_key_ring(paths: &[std::path::PathBuf], what: &str) -> Result<KeyRing
     Ok(ring)
 }
 
-/// Runs the agent until it is told to stop.
+/// Runs the agent until SIGTERM or Ctrl-C.
 pub async fn run(config: AgentConfig) -> Result<()> {
+    run_until(config, shutdown_signal()).await
+}
+
+/// Runs the agent until `stop` completes. Several agents can run in one process this way
+/// (each with its own data dir, API port and MQTT session), as `fleet-server demo` does.
+pub async fn run_until(
+    config: AgentConfig,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<()> {
     let config = Arc::new(config);
     link::install_crypto_provider();
     let fleet_keys = read_key_ring(&config.trust.fleet_keys, "fleet")?;
@@ -173,7 +182,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     .with_outbox(outbox.clone());
     let controller = tokio::spawn(controller.run(inbound));
 
-    shutdown_signal().await;
+    stop.await;
     tracing::info!("stopping");
     // A clean disconnect suppresses the last will, so say offline ourselves.
     let offline = encode(&Status {

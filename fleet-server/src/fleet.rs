@@ -121,6 +121,33 @@ pub struct Bundle {
     pub files: Vec<BundleFile>,
 }
 
+impl Bundle {
+    /// Writes the bundle's files into `dir` (created if needed); private keys with mode 0600.
+    /// Refuses to overwrite a file, and a file name that would leave `dir`.
+    pub fn write_to(&self, dir: &std::path::Path) -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::create_dir_all(dir)?;
+        for file in &self.files {
+            if file.name.is_empty() || file.name.contains('/') || file.name.starts_with('.') {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("a bundle file named {:?}", file.name),
+                ));
+            }
+            let path = dir.join(&file.name);
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(if file.secret { 0o600 } else { 0o644 })
+                .open(&path)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+            f.write_all(file.contents.as_bytes())?;
+        }
+        Ok(())
+    }
+}
+
 /// Everything the operations need.
 pub struct Fleet {
     pub config: ServerConfig,

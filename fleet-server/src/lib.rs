@@ -13,6 +13,7 @@ pub mod bus; // the server's own MQTT session: subscribes to device topics, rout
 pub mod ca; // the device CA: device and broker certificates, the CRL
 pub mod client; // fleetctl's REST client: tokens from flags, env or file; uploads with progress
 pub mod config; // server.toml: documented defaults, paths relative to the file, flag overrides
+pub mod demo; // `fleet-server demo`: server, local agents, app load, three rollouts, summary
 pub mod fleet; // operations: enroll, revoke, assign; signed directives with persisted sequences
 pub mod ingest; // up/state/status into the store, idempotent by (device, item id), ack after commit
 pub mod keyfile; // key files on disk: PKCS#8 PEM private keys (0600), SPKI PEM public keys

@@ -465,6 +465,26 @@ impl Fleet {
     }
 }
 
+/// A window's drift score against the profile: its largest `psi / threshold`, over the input
+/// features and the prediction (class and max-probability histograms, or output values), so a
+/// version whose predictions shift on the same inputs scores as high as shifted inputs do.
+/// Above 1: past the threshold calibrated for its length. `None` when it cannot be judged.
+pub fn drift_score(profile: &ReferenceProfile, mut window: DriftWindow) -> Option<f64> {
+    score(profile, &mut window).ok()?;
+    let t = profile.thresholds_for(window.samples)?;
+    let ratio = |psi: f64, threshold: f64| {
+        if threshold > 0.0 {
+            psi / threshold
+        } else {
+            0.0
+        }
+    };
+    let prediction = window.prediction.as_ref().map_or(0.0, |p| {
+        ratio(p.psi, t.prediction_psi).max(ratio(p.max_prob_psi, t.max_prob_psi))
+    });
+    Some(window.max_score.max(prediction))
+}
+
 /// The version a device reports serving, and a reported failure to install `version`.
 #[allow(clippy::type_complexity)]
 fn reported(

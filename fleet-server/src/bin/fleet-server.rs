@@ -29,6 +29,34 @@ enum Command {
     /// API tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// The whole product on this machine: the server (embedded broker, SQLite), N local edge
+    /// agents each with its own mTLS session, an app load of held-out digits, then digits-mlp
+    /// v1 rolled out, v2 rolled out in gated stages, and the bad v3 stopped by its gates and
+    /// rolled back; a summary per device. Keeps running until Ctrl-C, or exits with --once.
+    Demo(DemoArgs),
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// How many local agents (devices).
+    #[arg(long, default_value_t = 5)]
+    agents: usize,
+    /// Exit after the summary: status 0 only if every step behaved as expected.
+    #[arg(long)]
+    once: bool,
+    /// A new or empty directory for everything (default: one under the system's temp dir,
+    /// removed at the end with --once).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// The REST API's address (any free port when it is taken).
+    #[arg(long, default_value = "127.0.0.1:8480")]
+    api_listen: SocketAddr,
+    /// The repository's models/ directory (sample models, profiles, held-out data).
+    #[arg(long)]
+    models: Option<PathBuf>,
+    /// Soak time of each rollout stage, seconds.
+    #[arg(long, default_value_t = 4)]
+    soak: u64,
 }
 
 #[derive(Subcommand)]
@@ -125,14 +153,19 @@ impl ConfigArgs {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The demo prints its own story; the server's and the agents' logs would drown it.
+    let default_filter = match cli.command {
+        Command::Demo(_) => "warn,rmqtt=error,rmqtt_net=error,sqlx=warn",
+        _ => "info,rmqtt=warn,rmqtt_net=warn,sqlx=warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,rmqtt=warn,rmqtt_net=warn,sqlx=warn".into()),
+                .unwrap_or_else(|_| default_filter.into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -143,6 +176,24 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Command::Demo(args) = cli.command {
+        let options = fleet_server::demo::DemoOptions {
+            agents: args.agents,
+            once: args.once,
+            dir: args.dir,
+            api_listen: args.api_listen,
+            models: args.models.unwrap_or_else(default_models_dir),
+            soak_secs: args.soak,
+        };
+        return match runtime.block_on(fleet_server::demo::run(options)) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match runtime.block_on(dispatch(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -152,8 +203,19 @@ fn main() -> ExitCode {
     }
 }
 
+/// `models/` of the checkout this binary was built from, or of the working directory.
+fn default_models_dir() -> PathBuf {
+    let built_from = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models");
+    if built_from.join("data/digits/holdout.X.npy").exists() {
+        built_from
+    } else {
+        PathBuf::from("models")
+    }
+}
+
 async fn dispatch(command: Command) -> Result<()> {
     match command {
+        Command::Demo(_) => unreachable!("handled in main"),
         Command::Run(args) => run(args.load()?).await,
         Command::Init(args) => {
             let config = args.load()?;

@@ -475,7 +475,7 @@ fn run_stages(
             out.decide(
                 "stage_settled",
                 format!(
-                    "stage {}: all {} devices settled ({} installed, {} failed); soaking {} s",
+                    "stage {}: its {} devices settled ({} installed, {} failed); soaking {} s",
                     state.stage + 1,
                     installs.reached,
                     installs.installed,

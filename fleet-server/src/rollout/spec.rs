@@ -35,8 +35,9 @@ pub struct Gates {
     /// p95 latency on the new version over the previous version's p95 on the same devices.
     #[serde(default = "default_max_p95_ratio")]
     pub max_p95_ratio: Option<f64>,
-    /// The drift score of the stage's merged drift windows (the largest per-feature
-    /// `psi / threshold`, re-scored against the version's profile; above 1 = drifted).
+    /// The drift score of the stage's merged drift windows: the largest `psi / threshold` over
+    /// the input features and the prediction, re-scored against the version's profile (above
+    /// 1: past the threshold).
     #[serde(default)]
     pub max_drift_score: Option<f64>,
     /// Devices that sent telemetry for the new version; capped at the devices that installed

@@ -370,33 +370,11 @@ pub fn device(command: DeviceCommand, args: &ServerArgs) -> Result<()> {
 }
 
 fn write_bundle(out: &Path, bundle: &Value) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let files = bundle["files"]
-        .as_array()
-        .context("the server's bundle has no files")?;
-    for file in files {
-        let name = file["name"].as_str().context("a bundle file has no name")?;
-        if name.contains('/') || name.starts_with('.') {
-            bail!("the server sent a bundle file named {name:?}");
-        }
-        let contents = file["contents"].as_str().unwrap_or_default();
-        let mode = if file["secret"].as_bool().unwrap_or(true) {
-            0o600
-        } else {
-            0o644
-        };
-        let path = out.join(name);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&path)
-            .with_context(|| format!("writing {}", path.display()))?;
-        f.write_all(contents.as_bytes())?;
-    }
-    Ok(())
+    let bundle: fleet_server::fleet::Bundle = serde_json::from_value(bundle.clone())
+        .context("the server's bundle is not what fleetctl expects")?;
+    bundle
+        .write_to(out)
+        .with_context(|| format!("writing the bundle into {}", out.display()))
 }
 
 pub fn registry(command: RegistryCommand, args: &ServerArgs) -> Result<()> {

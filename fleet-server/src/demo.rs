@@ -1,0 +1,559 @@
+//! `fleet-server demo`: the whole product on one machine, in one command.
+//!
+//! It starts the server with its defaults (embedded broker, SQLite) in a fresh directory,
+//! enrolls N devices and runs a real `edge-agent` for each in this process (own data dir, own
+//! inference API port, own MQTT session over mutual TLS, from the bundle enrollment wrote),
+//! drives every agent with a small application load of held-out digits, and then plays the
+//! scenario an operator would:
+//!
+//! 1. `digits-mlp` v1 is signed, pushed and rolled out to every device;
+//! 2. v2 is rolled out in stages (20 % → 60 % → 100 %), each gated on the devices' own
+//!    behaviour: installs, errors, p95 latency against v1 on the same devices, drift;
+//! 3. v3, a deliberately bad model (much slower, skewed predictions), is rolled out: its canary
+//!    fails the gates and the fleet goes back to v2 on its own.
+//!
+//! Every engine decision is printed as it is made (from the audit log), and a table per device
+//! ends it. With `--once` it exits, 0 only when every step behaved as described; otherwise it
+//! keeps the server, the agents and the load running until Ctrl-C.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use fleet_protocol::drift::DriftWindow;
+use serde_json::{json, Value};
+
+use crate::auth::{self, Role};
+use crate::client::ApiClient;
+use crate::config::ServerConfig;
+use crate::fleet::Fleet;
+use crate::rollout::{Phase, RolloutRequest};
+use crate::rollout_runner::{drift_score, Actor};
+use crate::server::{self, RunningServer};
+use crate::{keyfile, profile, release};
+
+/// What `fleet-server demo` was asked for.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// How many local agents (devices).
+    pub agents: usize,
+    /// Exit after the summary (status 0 only if every step behaved).
+    pub once: bool,
+    /// Where everything goes (a fresh directory; default: one under the system's temp dir).
+    pub dir: Option<PathBuf>,
+    /// The REST API's address (falls back to any free port when it is taken).
+    pub api_listen: SocketAddr,
+    /// The repository's `models/` directory.
+    pub models: PathBuf,
+    /// Each stage's soak, seconds.
+    pub soak_secs: u64,
+}
+
+/// Sites the demo devices are spread over (a label the rollouts spread stages across).
+const SITES: [&str; 5] = ["berlin", "paris", "oslo", "rome", "lisbon"];
+const MODEL: &str = "digits-mlp";
+
+/// A step's outcome, for the final verdict.
+struct Checks(Vec<(String, bool)>);
+
+impl Checks {
+    fn record(&mut self, what: impl Into<String>, ok: bool) {
+        let what = what.into();
+        println!("   {} {what}", if ok { "✔" } else { "✘" });
+        self.0.push((what, ok));
+    }
+    fn all_ok(&self) -> bool {
+        self.0.iter().all(|(_, ok)| *ok)
+    }
+}
+
+/// Prints the engine's decisions (the audit log) as they are made.
+struct AuditTail {
+    after_id: i64,
+    started: Instant,
+}
+
+impl AuditTail {
+    async fn print_new(&mut self, fleet: &Fleet) {
+        let Ok(entries) = fleet.store.audit(None, self.after_id, 1000).await else {
+            return;
+        };
+        for e in entries {
+            self.after_id = e.id;
+            if e.actor != "engine" && !e.action.starts_with("rollout_") {
+                continue;
+            }
+            println!(
+                "   [{:>5.1}s] {} {:<19} {}",
+                self.started.elapsed().as_secs_f64(),
+                e.rollout.as_deref().unwrap_or("-"),
+                e.action,
+                e.message
+            );
+        }
+    }
+}
+
+/// Runs the demo; returns whether every step behaved as expected.
+pub async fn run(options: DemoOptions) -> Result<bool> {
+    let started = Instant::now();
+    let dir = match &options.dir {
+        Some(d) => d.clone(),
+        None => std::env::temp_dir().join(format!("driftgate-demo-{}", std::process::id())),
+    };
+    if dir.exists() && std::fs::read_dir(&dir)?.next().is_some() {
+        bail!(
+            "{} is not empty; give --dir a new or empty directory",
+            dir.display()
+        );
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let models = &options.models;
+    let holdout = models.join("data/digits/holdout.X.npy");
+    if !holdout.exists() {
+        bail!(
+            "{} is missing: run the demo from the repository (or pass --models DIR)",
+            holdout.display()
+        );
+    }
+    let mut checks = Checks(Vec::new());
+
+    step(
+        &started,
+        "signing digits-mlp v1, v2 and v3 (the bad one) with a new release key, each with its drift profile",
+    );
+    keyfile::generate(&dir.join("keys"), "release").context("generating the release key")?;
+    let release_key = keyfile::read_signing_key(&dir.join("keys/release.pem"))?;
+    let mut signed = Vec::new();
+    for version in ["v1", "v2", "v3"] {
+        let model = dir.join(format!("{MODEL}-{version}.onnx"));
+        std::fs::copy(models.join(format!("{MODEL}/{version}.onnx")), &model)
+            .with_context(|| format!("copying {MODEL} {version}"))?;
+        let profile = models.join(format!("{MODEL}/{version}.profile.json"));
+        let envelope = release::sign_model(
+            &release::SignRequest {
+                model: model.clone(),
+                name: MODEL.parse()?,
+                version: version.parse()?,
+                release: None,
+                self_test: Some(models.join(format!("{MODEL}/{version}.selftest.json"))),
+                profile: Some(profile.clone()),
+                min_agent_version: None,
+                created_at_ms: crate::store::now_ms(),
+            },
+            &release_key,
+        )
+        .with_context(|| format!("signing {MODEL} {version}"))?
+        .envelope;
+        let manifest = release::default_manifest_path(&model);
+        release::write_envelope(&manifest, &envelope, true)?;
+        println!("   signed {MODEL}@{version} → {}", manifest.display());
+        signed.push((version, model, manifest, profile));
+    }
+
+    step(
+        &started,
+        "starting the fleet server: embedded MQTT broker (mTLS), SQLite, REST API",
+    );
+    let mut config = ServerConfig {
+        data_dir: dir.join("server"),
+        ..Default::default()
+    };
+    config.api.listen = if std::net::TcpListener::bind(options.api_listen).is_ok() {
+        options.api_listen
+    } else {
+        println!("   {} is taken; using a free port", options.api_listen);
+        SocketAddr::from(([127, 0, 0, 1], 0))
+    };
+    config.broker.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.trust.release_keys = vec![dir.join("keys/release.pub")];
+    // A quick engine for a short demo: the default looks once a second.
+    config.rollouts.tick_ms = 250;
+    let server = server::start(config).await?;
+    let fleet = server.fleet.clone();
+    let api = format!("http://{}", server.api_addr);
+    let token = auth::create_token(&fleet.store, Role::Admin, "demo")
+        .await?
+        .token;
+    println!("   REST API {api}/api/v1 (OpenAPI at {api}/api/v1/openapi.json)");
+    println!("   admin token: {token}");
+
+    step(
+        &started,
+        &format!(
+            "enrolling {} devices and starting an edge agent for each",
+            options.agents
+        ),
+    );
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut agents = Vec::new();
+    let mut ports = Vec::new();
+    for i in 0..options.agents {
+        let id = format!("dev-{:02}", i + 1);
+        let site = SITES[i % SITES.len()];
+        let port = free_port()?;
+        let labels = BTreeMap::from([
+            ("site".to_string(), site.to_string()),
+            ("hw".to_string(), "demo".to_string()),
+        ]);
+        let bundle = fleet
+            .enroll(&id, labels, Some(format!("127.0.0.1:{port}")))
+            .await?;
+        let agent_dir = dir.join("agents").join(&id);
+        bundle
+            .write_to(&agent_dir)
+            .with_context(|| format!("writing {id}'s bundle"))?;
+        // Telemetry every second, so that each stage's gates have figures within seconds.
+        let toml = agent_dir.join("agent.toml");
+        let mut text = std::fs::read_to_string(&toml)?;
+        text.push_str("\n[telemetry]\ninterval_secs = 1\n");
+        std::fs::write(&toml, text)?;
+        let agent_config = edge_agent::config::AgentConfig::load(&toml)
+            .with_context(|| format!("{}", toml.display()))?;
+        let mut stop = stop_rx.clone();
+        let name = id.clone();
+        agents.push(tokio::spawn(async move {
+            let stopped = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            if let Err(e) = edge_agent::daemon::run_until(agent_config, stopped).await {
+                eprintln!("agent {name} stopped: {e:#}");
+            }
+        }));
+        println!(
+            "   {id} (site={site}): bundle in {}, inference API on 127.0.0.1:{port}",
+            agent_dir.display()
+        );
+        ports.push((id, port));
+    }
+    let online = wait_until(Duration::from_secs(30), || async {
+        let devices = fleet.store.devices().await.ok()?;
+        let n = devices
+            .iter()
+            .filter(|d| d.presence.as_deref() == Some("online"))
+            .count();
+        (n == options.agents).then_some(())
+    })
+    .await;
+    checks.record(
+        format!("all {} agents connected over mutual TLS", options.agents),
+        online.is_some(),
+    );
+
+    step(
+        &started,
+        "an application load on every device: held-out digits, one row per request",
+    );
+    let rows = Arc::new(holdout_rows(&holdout)?);
+    let load_stop = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(AtomicU64::new(0));
+    let mut load = Vec::new();
+    for (i, (_, port)) in ports.iter().enumerate() {
+        let (rows, stop, served, port) = (rows.clone(), load_stop.clone(), served.clone(), *port);
+        load.push(std::thread::spawn(move || {
+            app_load(port, &rows, i, &stop, &served)
+        }));
+    }
+    println!(
+        "   {} rows of 64 pixels, {BATCH} rows per request, 20 requests/s per device",
+        rows.len()
+    );
+
+    step(
+        &started,
+        "pushing v1, v2 and v3 to the registry (manifests verified against the release key)",
+    );
+    for (version, model, manifest, profile) in &signed {
+        let client = ApiClient::new(&api, Some(token.clone()));
+        let (model, manifest, profile) = (model.clone(), manifest.clone(), profile.clone());
+        let response = tokio::task::spawn_blocking(move || {
+            client.push_model(&manifest, &model, Some(&profile), &mut |_, _| {})
+        })
+        .await??;
+        println!(
+            "   {MODEL}@{version}: release {}, {} bytes",
+            response["model"]["release"], response["model"]["size"]
+        );
+    }
+
+    let mut tail = AuditTail {
+        after_id: 0,
+        started,
+    };
+    let soak = options.soak_secs;
+    let gates = json!({
+        "min_install_success_pct": 100.0,
+        "max_error_rate_pct": 1.0,
+        "max_p95_ratio": 2.0,
+        "max_drift_score": 2.0,
+        "min_devices_reporting": options.agents,
+    });
+
+    step(&started, "rollout 1: v1 to every device (one stage)");
+    let r1 = rollout(
+        &fleet,
+        json!({"model": MODEL, "version": "v1", "stages": [{"size": {"percent": 100.0}, "soak_secs": soak}],
+               "gates": gates, "install_timeout_secs": 60}),
+    )
+    .await?;
+    let phase = follow(&fleet, &r1, &mut tail, Duration::from_secs(60)).await;
+    checks.record(
+        format!("{r1} completed: v1 on every device"),
+        phase == Some(Phase::Completed),
+    );
+
+    step(&started, "rollout 2: v2 in stages 20 % → 60 % → 100 %, spread across sites, gated on the devices' behaviour");
+    let r2 = rollout(
+        &fleet,
+        json!({"model": MODEL, "version": "v2", "spread_label": "site",
+               "stages": [{"size": {"percent": 20.0}, "soak_secs": soak},
+                          {"size": {"percent": 60.0}, "soak_secs": soak},
+                          {"size": {"percent": 100.0}, "soak_secs": soak}],
+               "gates": gates, "install_timeout_secs": 60}),
+    )
+    .await?;
+    let phase = follow(&fleet, &r2, &mut tail, Duration::from_secs(90)).await;
+    checks.record(
+        format!("{r2} completed: v2 on every device, stage by stage"),
+        phase == Some(Phase::Completed),
+    );
+
+    step(
+        &started,
+        "rollout 3: v3 (bad on purpose: ~17× the work per row, skewed predictions)",
+    );
+    let r3 = rollout(
+        &fleet,
+        json!({"model": MODEL, "version": "v3", "spread_label": "site",
+               "stages": [{"size": {"percent": 20.0}, "soak_secs": soak},
+                          {"size": {"percent": 100.0}, "soak_secs": soak}],
+               "gates": gates, "on_failure": "rollback", "install_timeout_secs": 60}),
+    )
+    .await?;
+    let phase = follow(&fleet, &r3, &mut tail, Duration::from_secs(60)).await;
+    let failed_gate = fleet
+        .store
+        .audit(Some(&r3), 0, 1000)
+        .await?
+        .iter()
+        .any(|e| e.action == "gates_failed");
+    checks.record(
+        format!("{r3}: the canary failed its gates and the fleet rolled back on its own"),
+        phase == Some(Phase::RolledBack) && failed_gate,
+    );
+    let back = wait_until(Duration::from_secs(30), || async {
+        let devices = fleet.store.devices().await.ok()?;
+        devices
+            .iter()
+            .all(|d| active_version(d).as_deref() == Some("v2"))
+            .then_some(())
+    })
+    .await;
+    tail.print_new(&fleet).await;
+    checks.record("every device serves v2 again", back.is_some());
+
+    // A few more seconds of load, so the table shows v2's figures after the rollback too.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    step(&started, "summary");
+    let summary = summary(&fleet).await?;
+    println!("{summary}");
+    println!(
+        "   {} rows inferred by the agents during the demo; audit log: GET {api}/api/v1/audit",
+        served.load(Ordering::Relaxed)
+    );
+    let ok = checks.all_ok();
+    println!(
+        "\n{} in {:.0} s",
+        if ok {
+            "every step behaved as expected"
+        } else {
+            "SOME STEPS DID NOT BEHAVE AS EXPECTED (see ✘ above)"
+        },
+        started.elapsed().as_secs_f64()
+    );
+
+    if !options.once {
+        println!(
+            "\nthe fleet keeps running: API {api} (token above), files in {}",
+            dir.display()
+        );
+        println!("try: DRIFTGATE_SERVER={api} DRIFTGATE_TOKEN={token} fleetctl rollout list");
+        println!("Ctrl-C stops everything");
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    load_stop.store(true, Ordering::Relaxed);
+    let _ = stop_tx.send(true);
+    for agent in agents {
+        let _ = tokio::time::timeout(Duration::from_secs(10), agent).await;
+    }
+    for l in load {
+        let _ = tokio::task::spawn_blocking(move || l.join()).await;
+    }
+    server_shutdown(server).await;
+    if options.once && options.dir.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(ok)
+}
+
+async fn server_shutdown(server: RunningServer) {
+    server.shutdown().await;
+}
+
+fn step(started: &Instant, what: &str) {
+    println!("\n[{:>5.1}s] == {what}", started.elapsed().as_secs_f64());
+}
+
+async fn rollout(fleet: &Fleet, request: Value) -> Result<String> {
+    let request: RolloutRequest = serde_json::from_value(request)?;
+    let record = fleet
+        .create_rollout(request, &Actor("demo (operator)".into()))
+        .await?;
+    Ok(record.id)
+}
+
+/// Prints the rollout's decisions until it finishes; returns its final phase (None: timed out).
+async fn follow(fleet: &Fleet, id: &str, tail: &mut AuditTail, limit: Duration) -> Option<Phase> {
+    let deadline = Instant::now() + limit;
+    loop {
+        tail.print_new(fleet).await;
+        if let Ok(Some(r)) = fleet.store.rollout(id).await {
+            if !r.phase.is_active() {
+                tail.print_new(fleet).await;
+                return Some(r.phase);
+            }
+        }
+        if Instant::now() > deadline {
+            println!("   {id} did not finish within {} s", limit.as_secs());
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn wait_until<F, Fut, T>(limit: Duration, mut probe: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = probe().await {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn holdout_rows(path: &Path) -> Result<Vec<Vec<f64>>> {
+    let m = profile::read_matrix(path)?;
+    Ok(m.data.chunks(m.cols).map(<[f64]>::to_vec).collect())
+}
+
+/// Rows per request: the app batches its inputs, as a camera or sensor app would, so that each
+/// request's time is mostly the model's own work.
+const BATCH: usize = 16;
+
+/// One device's application: a batch of held-out rows 20 times a second, until told to stop.
+/// Refusals while no model is active (503) are expected at the start.
+fn app_load(port: u16, rows: &[Vec<f64>], offset: usize, stop: &AtomicBool, served: &AtomicU64) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(5)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let url = format!("http://127.0.0.1:{port}/v2/models/{MODEL}/infer");
+    let cols = rows.first().map(Vec::len).unwrap_or(0);
+    let mut i = offset * 37;
+    while !stop.load(Ordering::Relaxed) {
+        let mut data = Vec::with_capacity(BATCH * cols);
+        for _ in 0..BATCH {
+            data.extend_from_slice(&rows[i % rows.len()]);
+            i += 1;
+        }
+        let body = json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": [BATCH, cols], "data": data}]});
+        if let Ok(response) = agent.post(&url).send_json(&body) {
+            if response.status() == 200 {
+                served.fetch_add(BATCH as u64, Ordering::Relaxed);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn active_version(d: &crate::store::DeviceRecord) -> Option<String> {
+    let state: fleet_protocol::State = serde_json::from_value(d.state.clone()?).ok()?;
+    let model = state
+        .models
+        .into_iter()
+        .find(|m| m.name.as_str() == MODEL)?;
+    Some(model.active?.version.as_str().to_string())
+}
+
+/// Per device: the version it serves, and that version's inferences, p95 and drift score.
+async fn summary(fleet: &Fleet) -> Result<String> {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "   {:<8} {:<7} {:<8} {:>11} {:>9} {:>11}\n",
+        "DEVICE", "SITE", "VERSION", "INFERENCES", "P95 µs", "DRIFT SCORE"
+    ));
+    for d in fleet.store.devices().await? {
+        let version = active_version(&d);
+        let (mut inferences, mut p95, mut drift) =
+            ("-".to_string(), "-".to_string(), "-".to_string());
+        if let Some(v) = &version {
+            if let Some(record) = fleet.store.model(MODEL, v).await? {
+                if let Some(t) = fleet
+                    .store
+                    .telemetry_totals(MODEL, record.release)
+                    .await?
+                    .into_iter()
+                    .find(|t| t.device == d.id)
+                {
+                    inferences = t.inferences.to_string();
+                    p95 = t
+                        .latency
+                        .quantile_us(0.95)
+                        .map(|p| format!("{p:.0}"))
+                        .unwrap_or_else(|| "-".into());
+                }
+                let window: Option<DriftWindow> = fleet
+                    .store
+                    .drift(MODEL, record.release)
+                    .await?
+                    .into_iter()
+                    .filter(|m| m.device == d.id)
+                    .min_by_key(|m| m.window_len)
+                    .map(|m| m.merged);
+                if let (Some(w), Some(profile)) = (window, fleet.profile_of(&record).await) {
+                    if let Some(score) = drift_score(&profile, w) {
+                        drift = format!("{score:.2}");
+                    }
+                }
+            }
+        }
+        out.push_str(&format!(
+            "   {:<8} {:<7} {:<8} {:>11} {:>9} {:>11}\n",
+            d.id,
+            d.labels.get("site").map(String::as_str).unwrap_or("-"),
+            version.as_deref().unwrap_or("-"),
+            inferences,
+            p95,
+            drift
+        ));
+    }
+    Ok(out)
+}
