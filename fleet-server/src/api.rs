@@ -14,7 +14,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use fleet_protocol::drift::{score, DriftWindow};
 use fleet_protocol::histogram::LatencyHistogram;
-use fleet_protocol::{decode, ModelName, ModelVersion, ReferenceProfile};
+use fleet_protocol::{ModelName, ModelVersion, ReferenceProfile};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -518,14 +518,7 @@ async fn model_drift(
 ) -> ApiResult<Json<Value>> {
     authorize(&fleet, &headers, Role::Viewer).await?;
     let record = find_model(&fleet, &name, &version).await?;
-    let profile = match &record.profile_sha256 {
-        Some(sha) => {
-            let path = fleet.registry.blobs().path(sha);
-            let bytes = tokio::fs::read(&path).await.map_err(ApiError::internal)?;
-            Some(decode::<ReferenceProfile>(&bytes).map_err(ApiError::internal)?)
-        }
-        None => None,
-    };
+    let profile = fleet.registry.profile(&record).await?;
     let merged = fleet.store.drift(&name, record.release).await?;
     let devices: Vec<Value> = merged
         .iter()
@@ -851,15 +844,7 @@ async fn list_rollouts(
 fn rollout_summary(r: &crate::store::RolloutRecord) -> Value {
     let mut outcomes: BTreeMap<&str, u64> = BTreeMap::new();
     for d in r.state.devices.values() {
-        let key = match d.outcome {
-            crate::rollout::Outcome::Pending => "pending",
-            crate::rollout::Outcome::Installed => "installed",
-            crate::rollout::Outcome::Failed => "failed",
-            crate::rollout::Outcome::TimedOut => "timed_out",
-            crate::rollout::Outcome::Gone => "gone",
-            crate::rollout::Outcome::Reverted => "reverted",
-        };
-        *outcomes.entry(key).or_default() += 1;
+        *outcomes.entry(d.outcome.as_str()).or_default() += 1;
     }
     json!({
         "id": r.id,

@@ -33,7 +33,7 @@ use crate::config::ServerConfig;
 use crate::fleet::Fleet;
 use crate::rollout::{Phase, RolloutRequest};
 use crate::rollout_runner::{drift_score, Actor};
-use crate::server::{self, RunningServer};
+use crate::server;
 use crate::{keyfile, profile, release};
 
 /// What `fleet-server demo` was asked for.
@@ -393,15 +393,11 @@ pub async fn run(options: DemoOptions) -> Result<bool> {
     for l in load {
         let _ = tokio::task::spawn_blocking(move || l.join()).await;
     }
-    server_shutdown(server).await;
+    server.shutdown().await;
     if options.once && options.dir.is_none() {
         let _ = std::fs::remove_dir_all(&dir);
     }
     Ok(ok)
-}
-
-async fn server_shutdown(server: RunningServer) {
-    server.shutdown().await;
 }
 
 fn step(started: &Instant, what: &str) {

@@ -171,6 +171,24 @@ impl Registry {
         }
     }
 
+    /// The reference profile a model version was pushed with, when it has one.
+    pub async fn profile(
+        &self,
+        record: &ModelRecord,
+    ) -> Result<Option<fleet_protocol::ReferenceProfile>, RegistryError> {
+        let Some(sha) = &record.profile_sha256 else {
+            return Ok(None);
+        };
+        let bytes = tokio::fs::read(self.blobs.path(sha)).await?;
+        let profile = decode(&bytes).map_err(|e| {
+            std::io::Error::other(format!(
+                "the profile of {}@{} is unreadable: {e}",
+                record.name, record.version
+            ))
+        })?;
+        Ok(Some(profile))
+    }
+
     pub fn blobs(&self) -> &BlobStore {
         &self.blobs
     }

@@ -16,7 +16,7 @@ use std::time::Duration;
 use fleet_protocol::drift::{score, DriftWindow};
 use fleet_protocol::histogram::LatencyHistogram;
 use fleet_protocol::state::InstallPhase;
-use fleet_protocol::{decode, ReferenceProfile};
+use fleet_protocol::ReferenceProfile;
 use serde_json::json;
 
 use crate::fleet::{Fleet, FleetError};
@@ -91,12 +91,7 @@ impl Fleet {
         let matching: Vec<&DeviceRecord> = devices
             .iter()
             .filter(|d| d.revoked_at_ms.is_none())
-            .filter(|d| {
-                request
-                    .selector
-                    .iter()
-                    .all(|(k, v)| d.labels.get(k) == Some(v))
-            })
+            .filter(|d| crate::rollout::spec::matches(&request.selector, &d.labels))
             .collect();
         let spec = RolloutSpec::from_request(request, matching.len() as u64)
             .map_err(|e| FleetError::Invalid(e.to_string()))?;
@@ -202,7 +197,9 @@ impl Fleet {
                 )));
             }
         }
-        let facts = self.rollout_facts(&record).await?;
+        let devices = self.store.devices().await?;
+        let active = self.store.rollouts(Some(&record.model), true).await?;
+        let facts = self.rollout_facts(&record, &devices, &active).await?;
         let now = now_ms();
         let step = engine::command(&mut record.state, &facts, command, &actor.0, now)
             .map_err(|e| FleetError::Conflict(e.to_string()))?;
@@ -229,10 +226,13 @@ impl Fleet {
     /// One engine step for every active rollout, oldest first.
     pub async fn step_rollouts(&self) -> Result<(), FleetError> {
         let _guard = self.rollouts.lock.lock().await;
+        // Read once per tick: every rollout's facts come from the same devices.
+        let devices = self.store.devices().await?;
         let mut active = self.store.rollouts(None, true).await?;
         active.sort_by_key(|r| r.seq);
-        for mut record in active {
-            let mut facts = self.rollout_facts(&record).await?;
+        for i in 0..active.len() {
+            let mut record = active[i].clone();
+            let mut facts = self.rollout_facts(&record, &devices, &active).await?;
             let now = now_ms();
             if engine::wants_figures(&record.spec, &record.state, now) {
                 facts.figures = Some(self.stage_figures(&record).await?);
@@ -248,6 +248,8 @@ impl Fleet {
                     .await?;
             }
             self.apply(&mut record, step.actions).await?;
+            // Later rollouts see the devices this one has just reached as held.
+            active[i] = record;
         }
         Ok(())
     }
@@ -314,10 +316,15 @@ impl Fleet {
             .collect()
     }
 
-    /// What the devices report, as the engine sees it for one rollout.
-    async fn rollout_facts(&self, record: &RolloutRecord) -> Result<Facts, FleetError> {
+    /// What the devices report, as the engine sees it for one rollout. `active` are the active
+    /// rollouts (any model; this one may be among them).
+    async fn rollout_facts(
+        &self,
+        record: &RolloutRecord,
+        devices: &[DeviceRecord],
+        active: &[RolloutRecord],
+    ) -> Result<Facts, FleetError> {
         let spec = &record.spec;
-        let devices = self.store.devices().await?;
         let assigned: BTreeMap<String, String> = self
             .store
             .assignments_of_model(&spec.model)
@@ -326,14 +333,11 @@ impl Fleet {
             .collect();
         // Devices an older active rollout of the same model holds are not ours to take.
         let mut held: BTreeSet<String> = BTreeSet::new();
-        let older: Vec<RolloutRecord> = self
-            .store
-            .rollouts(Some(&spec.model), true)
-            .await?
-            .into_iter()
-            .filter(|r| r.seq < record.seq)
+        let older: Vec<&RolloutRecord> = active
+            .iter()
+            .filter(|r| r.model == spec.model && r.seq < record.seq)
             .collect();
-        for device in &devices {
+        for device in devices {
             if older
                 .iter()
                 .any(|o| o.spec.selects(&device.labels) || o.state.devices.contains_key(&device.id))
@@ -346,15 +350,15 @@ impl Fleet {
             if device.revoked_at_ms.is_some() {
                 continue;
             }
-            let (active, failure) = reported(&device, &spec.model, &spec.version);
+            let (running, failure) = reported(device, &spec.model, &spec.version);
             facts.devices.insert(
                 device.id.clone(),
                 DeviceFacts {
                     eligible: spec.selects(&device.labels) && !held.contains(&device.id),
                     assigned: assigned.get(&device.id).cloned(),
-                    active,
+                    active: running,
                     failure,
-                    labels: device.labels,
+                    labels: device.labels.clone(),
                 },
             );
         }
@@ -449,19 +453,13 @@ impl Fleet {
         Ok(figures)
     }
 
-    /// The reference profile of a model version, when it has one and it reads.
+    /// The reference profile of a model version, for scoring: `None` when it has none, or
+    /// when it cannot be read (logged; the drift gate then does not judge).
     pub async fn profile_of(&self, record: &crate::store::ModelRecord) -> Option<ReferenceProfile> {
-        let sha = record.profile_sha256.as_ref()?;
-        let bytes = tokio::fs::read(self.registry.blobs().path(sha))
-            .await
-            .ok()?;
-        match decode::<ReferenceProfile>(&bytes) {
-            Ok(p) => Some(p),
-            Err(e) => {
-                tracing::warn!(model = %record.name, version = %record.version, "profile unreadable: {e}");
-                None
-            }
-        }
+        self.registry.profile(record).await.unwrap_or_else(|e| {
+            tracing::warn!(model = %record.name, version = %record.version, error = %e, "no profile to score drift with");
+            None
+        })
     }
 }
 

@@ -83,6 +83,19 @@ pub enum Outcome {
     Reverted,
 }
 
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Pending => "pending",
+            Outcome::Installed => "installed",
+            Outcome::Failed => "failed",
+            Outcome::TimedOut => "timed_out",
+            Outcome::Gone => "gone",
+            Outcome::Reverted => "reverted",
+        }
+    }
+}
+
 /// A device the rollout reached: it is (or was) assigned the version.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReachedDevice {

@@ -249,10 +249,15 @@ impl RolloutSpec {
 
     /// Whether a device with these labels is in the rollout's scope.
     pub fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.selector
-            .iter()
-            .all(|(k, v)| labels.get(k).is_some_and(|have| have == v))
+        matches(&self.selector, labels)
     }
+}
+
+/// Whether `labels` has every label of `selector` (an empty selector matches every device).
+pub fn matches(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    selector
+        .iter()
+        .all(|(k, v)| labels.get(k).is_some_and(|have| have == v))
 }
 
 #[cfg(test)]

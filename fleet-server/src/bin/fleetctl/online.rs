@@ -109,6 +109,11 @@ pub fn segment(s: &str) -> Result<&str> {
     Ok(s)
 }
 
+/// The array at `v`, or nothing when the server sent no array there.
+pub fn list(v: &Value) -> &[Value] {
+    v.as_array().map(Vec::as_slice).unwrap_or_default()
+}
+
 pub fn print_json(value: &Value) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
@@ -202,10 +207,7 @@ pub fn device(command: DeviceCommand, args: &ServerArgs) -> Result<()> {
             if args.json {
                 return print_json(&response);
             }
-            let rows: Vec<Vec<String>> = response["devices"]
-                .as_array()
-                .map(Vec::as_slice)
-                .unwrap_or_default()
+            let rows: Vec<Vec<String>> = list(&response["devices"])
                 .iter()
                 .map(|d| {
                     let labels = d["labels"]
@@ -268,18 +270,10 @@ pub fn device(command: DeviceCommand, args: &ServerArgs) -> Result<()> {
                 s(&d["agent_version"])
             );
             println!("directive seq {}", s(&d["directive_seq"]));
-            for a in response["assignments"]
-                .as_array()
-                .map(Vec::as_slice)
-                .unwrap_or_default()
-            {
+            for a in list(&response["assignments"]) {
                 println!("assigned {}@{}", s(&a["model"]), s(&a["version"]));
             }
-            for m in d["state"]["models"]
-                .as_array()
-                .map(Vec::as_slice)
-                .unwrap_or_default()
-            {
+            for m in list(&d["state"]["models"]) {
                 println!(
                     "model    {} active {} phase {}",
                     s(&m["name"]),
@@ -348,10 +342,7 @@ pub fn device(command: DeviceCommand, args: &ServerArgs) -> Result<()> {
             if args.json {
                 return print_json(&response);
             }
-            let rows: Vec<Vec<String>> = response["items"]
-                .as_array()
-                .map(Vec::as_slice)
-                .unwrap_or_default()
+            let rows: Vec<Vec<String>> = list(&response["items"])
                 .iter()
                 .map(|i| {
                     vec![
@@ -442,10 +433,7 @@ pub fn registry(command: RegistryCommand, args: &ServerArgs) -> Result<()> {
             if args.json {
                 return print_json(&response);
             }
-            let rows: Vec<Vec<String>> = response["models"]
-                .as_array()
-                .map(Vec::as_slice)
-                .unwrap_or_default()
+            let rows: Vec<Vec<String>> = list(&response["models"])
                 .iter()
                 .map(|m| {
                     vec![
@@ -515,10 +503,7 @@ pub fn telemetry(model: &str, args: &ServerArgs) -> Result<()> {
         fmt_us(&t["p95_us"]),
         fmt_us(&t["p99_us"])
     );
-    let rows: Vec<Vec<String>> = response["series"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default()
+    let rows: Vec<Vec<String>> = list(&response["series"])
         .iter()
         .map(|r| {
             vec![
@@ -585,10 +570,7 @@ pub fn drift(model: &str, label: Option<&str>, args: &ServerArgs) -> Result<()> 
         "share",
         "max score",
     ];
-    let rows: Vec<Vec<String>> = response["devices"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default()
+    let rows: Vec<Vec<String>> = list(&response["devices"])
         .iter()
         .map(|d| row(d, s(&d["device"])))
         .collect();

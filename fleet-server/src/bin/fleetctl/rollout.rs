@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Subcommand, ValueEnum};
 use serde_json::{json, Value};
 
-use super::online::{ago, print_json, s, segment, split_model, table, ServerArgs};
+use super::online::{ago, list, print_json, s, segment, split_model, table, ServerArgs};
 
 #[derive(Subcommand)]
 pub enum RolloutCommand {
@@ -229,10 +229,7 @@ pub fn rollout(command: RolloutCommand, args: &ServerArgs) -> Result<()> {
                 return print_json(&response);
             }
             let r = &response["rollout"];
-            let sizes: Vec<String> = response["spec"]["stages"]
-                .as_array()
-                .map(Vec::as_slice)
-                .unwrap_or_default()
+            let sizes: Vec<String> = list(&response["spec"]["stages"])
                 .iter()
                 .map(|st| stage_size(&st["size"]))
                 .collect();
@@ -255,10 +252,7 @@ pub fn rollout(command: RolloutCommand, args: &ServerArgs) -> Result<()> {
             if args.json {
                 return print_json(&response);
             }
-            let rows: Vec<Vec<String>> = response["rollouts"]
-                .as_array()
-                .map(Vec::as_slice)
-                .unwrap_or_default()
+            let rows: Vec<Vec<String>> = list(&response["rollouts"])
                 .iter()
                 .map(|r| {
                     vec![
@@ -377,10 +371,7 @@ fn show(response: &Value) {
         outcomes(&r["outcomes"])
     );
     let spec = &response["spec"];
-    let stages: Vec<String> = spec["stages"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default()
+    let stages: Vec<String> = list(&spec["stages"])
         .iter()
         .map(|st| format!("{} soak {} s", stage_size(&st["size"]), s(&st["soak_secs"])))
         .collect();
@@ -420,11 +411,7 @@ fn show(response: &Value) {
         ],
         &rows,
     );
-    for e in response["evaluations"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default()
-    {
+    for e in list(&response["evaluations"]) {
         println!();
         println!(
             "stage {} gates {} {}",
@@ -436,10 +423,7 @@ fn show(response: &Value) {
             },
             ago(&e["at_ms"])
         );
-        let rows: Vec<Vec<String>> = e["checks"]
-            .as_array()
-            .map(Vec::as_slice)
-            .unwrap_or_default()
+        let rows: Vec<Vec<String>> = list(&e["checks"])
             .iter()
             .map(|c| {
                 vec![
@@ -492,14 +476,11 @@ fn watch(client: &fleet_server::client::ApiClient, id: &str, interval: f64) -> R
             segment(id)?
         ))?;
         let response = client.get(&format!("/api/v1/rollouts/{}", segment(id)?))?;
-        let new: Vec<&Value> = entries["entries"]
-            .as_array()
-            .map(|a| a.iter().collect())
-            .unwrap_or_default();
+        let new = list(&entries["entries"]);
         if tty && !new.is_empty() && !last_progress.is_empty() {
             print!("\r\x1b[2K");
         }
-        for e in &new {
+        for e in new {
             after_id = after_id.max(e["id"].as_i64().unwrap_or(after_id));
             println!(
                 "{}  {:<20} {}",
@@ -581,10 +562,7 @@ pub fn audit(rollout: Option<&str>, limit: u32, args: &ServerArgs) -> Result<()>
     if args.json {
         return print_json(&response);
     }
-    let rows: Vec<Vec<String>> = response["entries"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default()
+    let rows: Vec<Vec<String>> = list(&response["entries"])
         .iter()
         .map(|e| {
             vec![
