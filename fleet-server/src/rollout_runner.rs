@@ -444,10 +444,8 @@ impl Fleet {
                     }
                 }
             }
-            if let (Some(mut window), Some(profile)) = (total, self.profile_of(&new_record).await) {
-                if score(&profile, &mut window).is_ok() {
-                    figures.drift_score = Some(window.max_score);
-                }
+            if let (Some(window), Some(profile)) = (total, self.profile_of(&new_record).await) {
+                figures.drift_score = drift_score(&profile, window);
             }
         }
         Ok(figures)
