@@ -51,6 +51,47 @@ pub struct DemoOptions {
     pub models: PathBuf,
     /// Each stage's soak, seconds.
     pub soak_secs: u64,
+    /// The stages of v2's rollout, as percentages of the devices (the last one 100). v3's
+    /// rollout has two: the first of these, then 100.
+    pub stages: Vec<f64>,
+    /// The application load on each device, requests per second (16 rows each).
+    pub requests_per_second: u32,
+}
+
+impl DemoOptions {
+    /// The defaults of `fleet-server demo`, for `agents` devices.
+    pub fn new(agents: usize, models: PathBuf) -> Self {
+        DemoOptions {
+            agents,
+            once: true,
+            dir: None,
+            api_listen: SocketAddr::from(([127, 0, 0, 1], 8480)),
+            models,
+            soak_secs: 6,
+            stages: vec![20.0, 60.0, 100.0],
+            requests_per_second: 40,
+        }
+    }
+}
+
+/// What the demo saw, for the binary's exit status and for tests.
+#[derive(Debug)]
+pub struct DemoReport {
+    /// Every check, with whether it held.
+    pub checks: Vec<(String, bool)>,
+    /// The rollouts in the order they were made: v1, v2, v3 (fewer when a step failed early).
+    pub rollouts: Vec<String>,
+    /// The whole audit log, oldest first.
+    pub audit: Vec<crate::store::AuditEntry>,
+    /// The version each device serves at the end (None: nothing active).
+    pub versions: BTreeMap<String, Option<String>>,
+}
+
+impl DemoReport {
+    /// Whether every step behaved as expected.
+    pub fn ok(&self) -> bool {
+        !self.checks.is_empty() && self.checks.iter().all(|(_, ok)| *ok)
+    }
 }
 
 /// Sites the demo devices are spread over (a label the rollouts spread stages across).
@@ -65,9 +106,6 @@ impl Checks {
         let what = what.into();
         println!("   {} {what}", if ok { "✔" } else { "✘" });
         self.0.push((what, ok));
-    }
-    fn all_ok(&self) -> bool {
-        self.0.iter().all(|(_, ok)| *ok)
     }
 }
 
@@ -98,9 +136,25 @@ impl AuditTail {
     }
 }
 
-/// Runs the demo; returns whether every step behaved as expected.
-pub async fn run(options: DemoOptions) -> Result<bool> {
+/// Runs the demo; the report says whether every step behaved as expected.
+pub async fn run(options: DemoOptions) -> Result<DemoReport> {
     let started = Instant::now();
+    let stages = &options.stages;
+    if options.agents == 0 {
+        bail!("the demo needs at least one agent");
+    }
+    if stages.is_empty()
+        || stages.last() != Some(&100.0)
+        || stages.iter().any(|p| !(*p > 0.0 && *p <= 100.0))
+        || stages.windows(2).any(|w| w[0] >= w[1])
+    {
+        bail!(
+            "--stages must be increasing percentages in (0, 100], ending with 100 (got {stages:?})"
+        );
+    }
+    if options.requests_per_second == 0 {
+        bail!("--rate must be at least 1 request per second");
+    }
     let dir = match &options.dir {
         Some(d) => d.clone(),
         None => std::env::temp_dir().join(format!("driftgate-demo-{}", std::process::id())),
@@ -246,7 +300,7 @@ pub async fn run(options: DemoOptions) -> Result<bool> {
 
     step(
         &started,
-        "an application load on every device: held-out digits, one row per request",
+        "an application load on every device: held-out digits in small batches",
     );
     let rows = Arc::new(holdout_rows(&holdout)?);
     let load_stop = Arc::new(AtomicBool::new(false));
@@ -254,13 +308,15 @@ pub async fn run(options: DemoOptions) -> Result<bool> {
     let mut load = Vec::new();
     for (i, (_, port)) in ports.iter().enumerate() {
         let (rows, stop, served, port) = (rows.clone(), load_stop.clone(), served.clone(), *port);
+        let rate = options.requests_per_second;
         load.push(std::thread::spawn(move || {
-            app_load(port, &rows, i, &stop, &served)
+            app_load(port, &rows, i, rate, &stop, &served)
         }));
     }
     println!(
-        "   {} rows of 64 pixels, {BATCH} rows per request, 20 requests/s per device",
-        rows.len()
+        "   {} rows of 64 pixels, {BATCH} rows per request, {} requests/s per device",
+        rows.len(),
+        options.requests_per_second
     );
 
     step(
@@ -288,7 +344,7 @@ pub async fn run(options: DemoOptions) -> Result<bool> {
     let gates = json!({
         "min_install_success_pct": 100.0,
         "max_error_rate_pct": 1.0,
-        "max_p95_ratio": 2.0,
+        "max_p95_ratio": 2.5,
         "max_drift_score": 2.0,
         "min_devices_reporting": options.agents,
     });
@@ -306,13 +362,24 @@ pub async fn run(options: DemoOptions) -> Result<bool> {
         phase == Some(Phase::Completed),
     );
 
-    step(&started, "rollout 2: v2 in stages 20 % → 60 % → 100 %, spread across sites, gated on the devices' behaviour");
+    let stage_list = |percents: &[f64]| -> Vec<Value> {
+        percents
+            .iter()
+            .map(|p| json!({"size": {"percent": p}, "soak_secs": soak}))
+            .collect()
+    };
+    let shown: Vec<String> = stages.iter().map(|p| format!("{p} %")).collect();
+    step(
+        &started,
+        &format!(
+            "rollout 2: v2 in stages {}, spread across sites, gated on the devices' behaviour",
+            shown.join(" → ")
+        ),
+    );
     let r2 = rollout(
         &fleet,
         json!({"model": MODEL, "version": "v2", "spread_label": "site",
-               "stages": [{"size": {"percent": 20.0}, "soak_secs": soak},
-                          {"size": {"percent": 60.0}, "soak_secs": soak},
-                          {"size": {"percent": 100.0}, "soak_secs": soak}],
+               "stages": stage_list(stages),
                "gates": gates, "install_timeout_secs": 60}),
     )
     .await?;
@@ -324,13 +391,12 @@ pub async fn run(options: DemoOptions) -> Result<bool> {
 
     step(
         &started,
-        "rollout 3: v3 (bad on purpose: ~17× the work per row, skewed predictions)",
+        "rollout 3: v3 (bad on purpose: ~128× the work per row, skewed predictions)",
     );
     let r3 = rollout(
         &fleet,
         json!({"model": MODEL, "version": "v3", "spread_label": "site",
-               "stages": [{"size": {"percent": 20.0}, "soak_secs": soak},
-                          {"size": {"percent": 100.0}, "soak_secs": soak}],
+               "stages": stage_list(&[stages[0], 100.0]),
                "gates": gates, "on_failure": "rollback", "install_timeout_secs": 60}),
     )
     .await?;
@@ -365,7 +431,19 @@ pub async fn run(options: DemoOptions) -> Result<bool> {
         "   {} rows inferred by the agents during the demo; audit log: GET {api}/api/v1/audit",
         served.load(Ordering::Relaxed)
     );
-    let ok = checks.all_ok();
+    let report = DemoReport {
+        checks: checks.0,
+        rollouts: vec![r1, r2, r3],
+        audit: fleet.store.audit(None, 0, i64::MAX).await?,
+        versions: fleet
+            .store
+            .devices()
+            .await?
+            .iter()
+            .map(|d| (d.id.clone(), active_version(d)))
+            .collect(),
+    };
+    let ok = report.ok();
     println!(
         "\n{} in {:.0} s",
         if ok {
@@ -397,7 +475,7 @@ pub async fn run(options: DemoOptions) -> Result<bool> {
     if options.once && options.dir.is_none() {
         let _ = std::fs::remove_dir_all(&dir);
     }
-    Ok(ok)
+    Ok(report)
 }
 
 fn step(started: &Instant, what: &str) {
@@ -463,9 +541,17 @@ fn holdout_rows(path: &Path) -> Result<Vec<Vec<f64>>> {
 /// request's time is mostly the model's own work.
 const BATCH: usize = 16;
 
-/// One device's application: a batch of held-out rows 20 times a second, until told to stop.
+/// One device's application: a batch of held-out rows `rate` times a second, until told to
+/// stop.
 /// Refusals while no model is active (503) are expected at the start.
-fn app_load(port: u16, rows: &[Vec<f64>], offset: usize, stop: &AtomicBool, served: &AtomicU64) {
+fn app_load(
+    port: u16,
+    rows: &[Vec<f64>],
+    offset: usize,
+    rate: u32,
+    stop: &AtomicBool,
+    served: &AtomicU64,
+) {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(5)))
         .http_status_as_error(false)
@@ -486,7 +572,7 @@ fn app_load(port: u16, rows: &[Vec<f64>], offset: usize, stop: &AtomicBool, serv
                 served.fetch_add(BATCH as u64, Ordering::Relaxed);
             }
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_secs(1) / rate);
     }
 }
 

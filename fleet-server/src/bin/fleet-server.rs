@@ -55,8 +55,15 @@ struct DemoArgs {
     #[arg(long)]
     models: Option<PathBuf>,
     /// Soak time of each rollout stage, seconds.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 6)]
     soak: u64,
+    /// The stages of v2's rollout, percent of the devices, comma-separated and ending with 100
+    /// (v3's canary is the first of them).
+    #[arg(long, value_delimiter = ',', default_value = "20,60,100")]
+    stages: Vec<f64>,
+    /// Application load per device, requests per second (16 held-out rows each).
+    #[arg(long, default_value_t = 40)]
+    rate: u32,
 }
 
 #[derive(Subcommand)]
@@ -184,10 +191,12 @@ fn main() -> ExitCode {
             api_listen: args.api_listen,
             models: args.models.unwrap_or_else(default_models_dir),
             soak_secs: args.soak,
+            stages: args.stages,
+            requests_per_second: args.rate,
         };
         return match runtime.block_on(fleet_server::demo::run(options)) {
-            Ok(true) => ExitCode::SUCCESS,
-            Ok(false) => ExitCode::FAILURE,
+            Ok(report) if report.ok() => ExitCode::SUCCESS,
+            Ok(_) => ExitCode::FAILURE,
             Err(e) => {
                 eprintln!("error: {e:#}");
                 ExitCode::FAILURE
