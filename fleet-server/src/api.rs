@@ -942,6 +942,9 @@ struct AuditQuery {
     after_id: i64,
     #[serde(default = "default_limit")]
     limit: i64,
+    /// The newest `limit` entries rather than the oldest (the reply is oldest first either way).
+    #[serde(default)]
+    newest: bool,
 }
 
 /// The audit log: operators' actions and the engine's decisions, oldest first.
@@ -951,10 +954,12 @@ async fn audit_log(
     Query(q): Query<AuditQuery>,
 ) -> ApiResult<Json<Value>> {
     authorize(&fleet, &headers, Role::Viewer).await?;
-    let entries = fleet
-        .store
-        .audit(q.rollout.as_deref(), q.after_id, q.limit.clamp(1, 10_000))
-        .await?;
+    let (rollout, limit) = (q.rollout.as_deref(), q.limit.clamp(1, 10_000));
+    let entries = if q.newest {
+        fleet.store.audit_newest(rollout, q.after_id, limit).await?
+    } else {
+        fleet.store.audit(rollout, q.after_id, limit).await?
+    };
     Ok(Json(json!({ "entries": entries })))
 }
 

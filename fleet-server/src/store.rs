@@ -1243,14 +1243,40 @@ impl Store {
         after_id: i64,
         limit: i64,
     ) -> Result<Vec<AuditEntry>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, at_ms, actor, action, rollout, subject, message, details FROM audit WHERE id > $1 AND ($2 = '' OR rollout = $2) ORDER BY id LIMIT $3",
-        )
-        .bind(after_id)
-        .bind(rollout.unwrap_or(""))
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
+        self.audit_page(rollout, after_id, limit, false).await
+    }
+
+    /// The newest `limit` audit entries after `after_id` (of one rollout, when given), oldest
+    /// first: what an operator asking for "the last N" wants.
+    pub async fn audit_newest(
+        &self,
+        rollout: Option<&str>,
+        after_id: i64,
+        limit: i64,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        let mut entries = self.audit_page(rollout, after_id, limit, true).await?;
+        entries.reverse();
+        Ok(entries)
+    }
+
+    async fn audit_page(
+        &self,
+        rollout: Option<&str>,
+        after_id: i64,
+        limit: i64,
+        newest_first: bool,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        let sql = if newest_first {
+            "SELECT id, at_ms, actor, action, rollout, subject, message, details FROM audit WHERE id > $1 AND ($2 = '' OR rollout = $2) ORDER BY id DESC LIMIT $3"
+        } else {
+            "SELECT id, at_ms, actor, action, rollout, subject, message, details FROM audit WHERE id > $1 AND ($2 = '' OR rollout = $2) ORDER BY id LIMIT $3"
+        };
+        let rows = sqlx::query(sql)
+            .bind(after_id)
+            .bind(rollout.unwrap_or(""))
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter()
             .map(|r| {
                 let details: String = r.try_get(7)?;

@@ -325,5 +325,24 @@ async fn rollouts_are_created_refused_commanded_rolled_back_and_audited() {
         all.iter().filter(|e| e.action == "device_enrolled").count(),
         10
     );
+    // `newest` gives the last entries (what `fleetctl audit --limit N` shows), oldest first.
+    let (u, v, rid) = (url.clone(), viewer.clone(), id.clone());
+    let newest = tokio::task::spawn_blocking(move || {
+        ApiClient::new(&u, Some(v))
+            .get(&format!("/api/v1/audit?rollout={rid}&limit=2&newest=true"))
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let ids = |v: &Value| -> Vec<i64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["id"].as_i64().unwrap())
+            .collect()
+    };
+    let every = ids(&audit["entries"]);
+    assert_eq!(ids(&newest["entries"]), every[every.len() - 2..]);
+    assert_eq!(newest["entries"][1]["action"], "rolled_back");
     running.shutdown().await;
 }

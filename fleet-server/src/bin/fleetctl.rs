@@ -45,6 +45,7 @@ enum Command {
         /// Only this rollout's entries.
         #[arg(long)]
         rollout: Option<String>,
+        /// How many of the newest entries to show.
         #[arg(long, default_value_t = 200)]
         limit: u32,
     },

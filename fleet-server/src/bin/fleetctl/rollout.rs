@@ -552,9 +552,9 @@ fn clock(ms: &Value) -> String {
     )
 }
 
-/// `fleetctl audit`: the audit log, oldest first.
+/// `fleetctl audit`: the newest `limit` entries of the audit log, oldest first.
 pub fn audit(rollout: Option<&str>, limit: u32, args: &ServerArgs) -> Result<()> {
-    let mut path = format!("/api/v1/audit?limit={limit}");
+    let mut path = format!("/api/v1/audit?limit={limit}&newest=true");
     if let Some(r) = rollout {
         path.push_str(&format!("&rollout={}", segment(r)?));
     }
