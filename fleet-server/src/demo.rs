@@ -136,206 +136,271 @@ impl AuditTail {
     }
 }
 
+/// A fleet on this machine: the server with its defaults, N enrolled devices each with a
+/// real in-process `edge-agent`, an application load on every one, and digits-mlp v1, v2
+/// and v3 signed and pushed. The demo plays its scenario on it; tests (the browser test of the
+/// console) use it as a live fleet.
+pub struct LocalFleet {
+    pub server: server::RunningServer,
+    pub fleet: Arc<Fleet>,
+    /// `http://host:port` of the REST API (and the console).
+    pub api: String,
+    /// An admin token.
+    pub token: String,
+    pub dir: PathBuf,
+    /// Every agent connected within 30 s.
+    pub online: bool,
+    /// Rows the agents answered.
+    pub served: Arc<AtomicU64>,
+    /// Device id and inference API port, per device.
+    pub devices: Vec<(String, u16)>,
+    stop_agents: tokio::sync::watch::Sender<bool>,
+    agents: Vec<tokio::task::JoinHandle<()>>,
+    stop_load: Arc<AtomicBool>,
+    load: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl LocalFleet {
+    /// Builds the fleet, printing each step (times from `started`).
+    pub async fn start(options: &DemoOptions, started: Instant) -> Result<LocalFleet> {
+        let stages = &options.stages;
+        if options.agents == 0 {
+            bail!("the demo needs at least one agent");
+        }
+        if stages.is_empty()
+            || stages.last() != Some(&100.0)
+            || stages.iter().any(|p| !(*p > 0.0 && *p <= 100.0))
+            || stages.windows(2).any(|w| w[0] >= w[1])
+        {
+            bail!(
+                "--stages must be increasing percentages in (0, 100], ending with 100 (got {stages:?})"
+            );
+        }
+        if options.requests_per_second == 0 {
+            bail!("--rate must be at least 1 request per second");
+        }
+        let dir = match &options.dir {
+            Some(d) => d.clone(),
+            None => std::env::temp_dir().join(format!("driftgate-demo-{}", std::process::id())),
+        };
+        if dir.exists() && std::fs::read_dir(&dir)?.next().is_some() {
+            bail!(
+                "{} is not empty; give --dir a new or empty directory",
+                dir.display()
+            );
+        }
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let models = &options.models;
+        let holdout = models.join("data/digits/holdout.X.npy");
+        if !holdout.exists() {
+            bail!(
+                "{} is missing: run the demo from the repository (or pass --models DIR)",
+                holdout.display()
+            );
+        }
+
+        step(
+            &started,
+            "signing digits-mlp v1, v2 and v3 (the bad one) with a new release key, each with its drift profile",
+        );
+        keyfile::generate(&dir.join("keys"), "release").context("generating the release key")?;
+        let release_key = keyfile::read_signing_key(&dir.join("keys/release.pem"))?;
+        let mut signed = Vec::new();
+        for version in ["v1", "v2", "v3"] {
+            let model = dir.join(format!("{MODEL}-{version}.onnx"));
+            std::fs::copy(models.join(format!("{MODEL}/{version}.onnx")), &model)
+                .with_context(|| format!("copying {MODEL} {version}"))?;
+            let profile = models.join(format!("{MODEL}/{version}.profile.json"));
+            let envelope = release::sign_model(
+                &release::SignRequest {
+                    model: model.clone(),
+                    name: MODEL.parse()?,
+                    version: version.parse()?,
+                    release: None,
+                    self_test: Some(models.join(format!("{MODEL}/{version}.selftest.json"))),
+                    profile: Some(profile.clone()),
+                    min_agent_version: None,
+                    created_at_ms: crate::store::now_ms(),
+                },
+                &release_key,
+            )
+            .with_context(|| format!("signing {MODEL} {version}"))?
+            .envelope;
+            let manifest = release::default_manifest_path(&model);
+            release::write_envelope(&manifest, &envelope, true)?;
+            println!("   signed {MODEL}@{version} → {}", manifest.display());
+            signed.push((version, model, manifest, profile));
+        }
+
+        step(
+            &started,
+            "starting the fleet server: embedded MQTT broker (mTLS), SQLite, REST API",
+        );
+        let mut config = ServerConfig {
+            data_dir: dir.join("server"),
+            ..Default::default()
+        };
+        config.api.listen = if std::net::TcpListener::bind(options.api_listen).is_ok() {
+            options.api_listen
+        } else {
+            println!("   {} is taken; using a free port", options.api_listen);
+            SocketAddr::from(([127, 0, 0, 1], 0))
+        };
+        config.broker.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.trust.release_keys = vec![dir.join("keys/release.pub")];
+        // A quick engine for a short demo: the default looks once a second.
+        config.rollouts.tick_ms = 250;
+        let server = server::start(config).await?;
+        let fleet = server.fleet.clone();
+        let api = format!("http://{}", server.api_addr);
+        let token = auth::create_token(&fleet.store, Role::Admin, "demo")
+            .await?
+            .token;
+        println!("   REST API {api}/api/v1 (OpenAPI at {api}/api/v1/openapi.json)");
+        println!("   admin token: {token}");
+
+        step(
+            &started,
+            &format!(
+                "enrolling {} devices and starting an edge agent for each",
+                options.agents
+            ),
+        );
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut agents = Vec::new();
+        let mut ports = Vec::new();
+        for i in 0..options.agents {
+            let id = format!("dev-{:02}", i + 1);
+            let site = SITES[i % SITES.len()];
+            let port = free_port()?;
+            let labels = BTreeMap::from([
+                ("site".to_string(), site.to_string()),
+                ("hw".to_string(), "demo".to_string()),
+            ]);
+            let bundle = fleet
+                .enroll(&id, labels, Some(format!("127.0.0.1:{port}")))
+                .await?;
+            let agent_dir = dir.join("agents").join(&id);
+            bundle
+                .write_to(&agent_dir)
+                .with_context(|| format!("writing {id}'s bundle"))?;
+            // Telemetry every second, so that each stage's gates have figures within seconds.
+            let toml = agent_dir.join("agent.toml");
+            let mut text = std::fs::read_to_string(&toml)?;
+            text.push_str("\n[telemetry]\ninterval_secs = 1\n");
+            std::fs::write(&toml, text)?;
+            let agent_config = edge_agent::config::AgentConfig::load(&toml)
+                .with_context(|| format!("{}", toml.display()))?;
+            let mut stop = stop_rx.clone();
+            let name = id.clone();
+            agents.push(tokio::spawn(async move {
+                let stopped = async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                };
+                if let Err(e) = edge_agent::daemon::run_until(agent_config, stopped).await {
+                    eprintln!("agent {name} stopped: {e:#}");
+                }
+            }));
+            println!(
+                "   {id} (site={site}): bundle in {}, inference API on 127.0.0.1:{port}",
+                agent_dir.display()
+            );
+            ports.push((id, port));
+        }
+        let online = wait_until(Duration::from_secs(30), || async {
+            let devices = fleet.store.devices().await.ok()?;
+            let n = devices
+                .iter()
+                .filter(|d| d.presence.as_deref() == Some("online"))
+                .count();
+            (n == options.agents).then_some(())
+        })
+        .await;
+
+        step(
+            &started,
+            "an application load on every device: held-out digits in small batches",
+        );
+        let rows = Arc::new(holdout_rows(&holdout)?);
+        let load_stop = Arc::new(AtomicBool::new(false));
+        let served = Arc::new(AtomicU64::new(0));
+        let mut load = Vec::new();
+        for (i, (_, port)) in ports.iter().enumerate() {
+            let (rows, stop, served, port) =
+                (rows.clone(), load_stop.clone(), served.clone(), *port);
+            let rate = options.requests_per_second;
+            load.push(std::thread::spawn(move || {
+                app_load(port, &rows, i, rate, &stop, &served)
+            }));
+        }
+        println!(
+            "   {} rows of 64 pixels, {BATCH} rows per request, {} requests/s per device",
+            rows.len(),
+            options.requests_per_second
+        );
+
+        step(
+            &started,
+            "pushing v1, v2 and v3 to the registry (manifests verified against the release key)",
+        );
+        for (version, model, manifest, profile) in &signed {
+            let client = ApiClient::new(&api, Some(token.clone()));
+            let (model, manifest, profile) = (model.clone(), manifest.clone(), profile.clone());
+            let response = tokio::task::spawn_blocking(move || {
+                client.push_model(&manifest, &model, Some(&profile), &mut |_, _| {})
+            })
+            .await??;
+            println!(
+                "   {MODEL}@{version}: release {}, {} bytes",
+                response["model"]["release"], response["model"]["size"]
+            );
+        }
+        Ok(LocalFleet {
+            server,
+            fleet,
+            api,
+            token,
+            dir,
+            online: online.is_some(),
+            served,
+            devices: ports,
+            stop_agents: stop_tx,
+            agents,
+            stop_load: load_stop,
+            load,
+        })
+    }
+
+    /// Stops the load, the agents and the server.
+    pub async fn stop(self) {
+        self.stop_load.store(true, Ordering::Relaxed);
+        let _ = self.stop_agents.send(true);
+        for agent in self.agents {
+            let _ = tokio::time::timeout(Duration::from_secs(10), agent).await;
+        }
+        for l in self.load {
+            let _ = tokio::task::spawn_blocking(move || l.join()).await;
+        }
+        self.server.shutdown().await;
+    }
+}
+
 /// Runs the demo; the report says whether every step behaved as expected.
 pub async fn run(options: DemoOptions) -> Result<DemoReport> {
     let started = Instant::now();
-    let stages = &options.stages;
-    if options.agents == 0 {
-        bail!("the demo needs at least one agent");
-    }
-    if stages.is_empty()
-        || stages.last() != Some(&100.0)
-        || stages.iter().any(|p| !(*p > 0.0 && *p <= 100.0))
-        || stages.windows(2).any(|w| w[0] >= w[1])
-    {
-        bail!(
-            "--stages must be increasing percentages in (0, 100], ending with 100 (got {stages:?})"
-        );
-    }
-    if options.requests_per_second == 0 {
-        bail!("--rate must be at least 1 request per second");
-    }
-    let dir = match &options.dir {
-        Some(d) => d.clone(),
-        None => std::env::temp_dir().join(format!("driftgate-demo-{}", std::process::id())),
-    };
-    if dir.exists() && std::fs::read_dir(&dir)?.next().is_some() {
-        bail!(
-            "{} is not empty; give --dir a new or empty directory",
-            dir.display()
-        );
-    }
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let models = &options.models;
-    let holdout = models.join("data/digits/holdout.X.npy");
-    if !holdout.exists() {
-        bail!(
-            "{} is missing: run the demo from the repository (or pass --models DIR)",
-            holdout.display()
-        );
-    }
+    let local = LocalFleet::start(&options, started).await?;
     let mut checks = Checks(Vec::new());
-
-    step(
-        &started,
-        "signing digits-mlp v1, v2 and v3 (the bad one) with a new release key, each with its drift profile",
-    );
-    keyfile::generate(&dir.join("keys"), "release").context("generating the release key")?;
-    let release_key = keyfile::read_signing_key(&dir.join("keys/release.pem"))?;
-    let mut signed = Vec::new();
-    for version in ["v1", "v2", "v3"] {
-        let model = dir.join(format!("{MODEL}-{version}.onnx"));
-        std::fs::copy(models.join(format!("{MODEL}/{version}.onnx")), &model)
-            .with_context(|| format!("copying {MODEL} {version}"))?;
-        let profile = models.join(format!("{MODEL}/{version}.profile.json"));
-        let envelope = release::sign_model(
-            &release::SignRequest {
-                model: model.clone(),
-                name: MODEL.parse()?,
-                version: version.parse()?,
-                release: None,
-                self_test: Some(models.join(format!("{MODEL}/{version}.selftest.json"))),
-                profile: Some(profile.clone()),
-                min_agent_version: None,
-                created_at_ms: crate::store::now_ms(),
-            },
-            &release_key,
-        )
-        .with_context(|| format!("signing {MODEL} {version}"))?
-        .envelope;
-        let manifest = release::default_manifest_path(&model);
-        release::write_envelope(&manifest, &envelope, true)?;
-        println!("   signed {MODEL}@{version} → {}", manifest.display());
-        signed.push((version, model, manifest, profile));
-    }
-
-    step(
-        &started,
-        "starting the fleet server: embedded MQTT broker (mTLS), SQLite, REST API",
-    );
-    let mut config = ServerConfig {
-        data_dir: dir.join("server"),
-        ..Default::default()
-    };
-    config.api.listen = if std::net::TcpListener::bind(options.api_listen).is_ok() {
-        options.api_listen
-    } else {
-        println!("   {} is taken; using a free port", options.api_listen);
-        SocketAddr::from(([127, 0, 0, 1], 0))
-    };
-    config.broker.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-    config.trust.release_keys = vec![dir.join("keys/release.pub")];
-    // A quick engine for a short demo: the default looks once a second.
-    config.rollouts.tick_ms = 250;
-    let server = server::start(config).await?;
-    let fleet = server.fleet.clone();
-    let api = format!("http://{}", server.api_addr);
-    let token = auth::create_token(&fleet.store, Role::Admin, "demo")
-        .await?
-        .token;
-    println!("   REST API {api}/api/v1 (OpenAPI at {api}/api/v1/openapi.json)");
-    println!("   admin token: {token}");
-
-    step(
-        &started,
-        &format!(
-            "enrolling {} devices and starting an edge agent for each",
-            options.agents
-        ),
-    );
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut agents = Vec::new();
-    let mut ports = Vec::new();
-    for i in 0..options.agents {
-        let id = format!("dev-{:02}", i + 1);
-        let site = SITES[i % SITES.len()];
-        let port = free_port()?;
-        let labels = BTreeMap::from([
-            ("site".to_string(), site.to_string()),
-            ("hw".to_string(), "demo".to_string()),
-        ]);
-        let bundle = fleet
-            .enroll(&id, labels, Some(format!("127.0.0.1:{port}")))
-            .await?;
-        let agent_dir = dir.join("agents").join(&id);
-        bundle
-            .write_to(&agent_dir)
-            .with_context(|| format!("writing {id}'s bundle"))?;
-        // Telemetry every second, so that each stage's gates have figures within seconds.
-        let toml = agent_dir.join("agent.toml");
-        let mut text = std::fs::read_to_string(&toml)?;
-        text.push_str("\n[telemetry]\ninterval_secs = 1\n");
-        std::fs::write(&toml, text)?;
-        let agent_config = edge_agent::config::AgentConfig::load(&toml)
-            .with_context(|| format!("{}", toml.display()))?;
-        let mut stop = stop_rx.clone();
-        let name = id.clone();
-        agents.push(tokio::spawn(async move {
-            let stopped = async move {
-                let _ = stop.wait_for(|s| *s).await;
-            };
-            if let Err(e) = edge_agent::daemon::run_until(agent_config, stopped).await {
-                eprintln!("agent {name} stopped: {e:#}");
-            }
-        }));
-        println!(
-            "   {id} (site={site}): bundle in {}, inference API on 127.0.0.1:{port}",
-            agent_dir.display()
-        );
-        ports.push((id, port));
-    }
-    let online = wait_until(Duration::from_secs(30), || async {
-        let devices = fleet.store.devices().await.ok()?;
-        let n = devices
-            .iter()
-            .filter(|d| d.presence.as_deref() == Some("online"))
-            .count();
-        (n == options.agents).then_some(())
-    })
-    .await;
     checks.record(
         format!("all {} agents connected over mutual TLS", options.agents),
-        online.is_some(),
+        local.online,
     );
-
-    step(
-        &started,
-        "an application load on every device: held-out digits in small batches",
+    let (fleet, api, token, dir) = (
+        local.fleet.clone(),
+        local.api.clone(),
+        local.token.clone(),
+        local.dir.clone(),
     );
-    let rows = Arc::new(holdout_rows(&holdout)?);
-    let load_stop = Arc::new(AtomicBool::new(false));
-    let served = Arc::new(AtomicU64::new(0));
-    let mut load = Vec::new();
-    for (i, (_, port)) in ports.iter().enumerate() {
-        let (rows, stop, served, port) = (rows.clone(), load_stop.clone(), served.clone(), *port);
-        let rate = options.requests_per_second;
-        load.push(std::thread::spawn(move || {
-            app_load(port, &rows, i, rate, &stop, &served)
-        }));
-    }
-    println!(
-        "   {} rows of 64 pixels, {BATCH} rows per request, {} requests/s per device",
-        rows.len(),
-        options.requests_per_second
-    );
-
-    step(
-        &started,
-        "pushing v1, v2 and v3 to the registry (manifests verified against the release key)",
-    );
-    for (version, model, manifest, profile) in &signed {
-        let client = ApiClient::new(&api, Some(token.clone()));
-        let (model, manifest, profile) = (model.clone(), manifest.clone(), profile.clone());
-        let response = tokio::task::spawn_blocking(move || {
-            client.push_model(&manifest, &model, Some(&profile), &mut |_, _| {})
-        })
-        .await??;
-        println!(
-            "   {MODEL}@{version}: release {}, {} bytes",
-            response["model"]["release"], response["model"]["size"]
-        );
-    }
-
+    let stages = &options.stages;
     let mut tail = AuditTail {
         after_id: 0,
         started,
@@ -429,7 +494,7 @@ pub async fn run(options: DemoOptions) -> Result<DemoReport> {
     println!("{summary}");
     println!(
         "   {} rows inferred by the agents during the demo; audit log: GET {api}/api/v1/audit",
-        served.load(Ordering::Relaxed)
+        local.served.load(Ordering::Relaxed)
     );
     let report = DemoReport {
         checks: checks.0,
@@ -463,15 +528,7 @@ pub async fn run(options: DemoOptions) -> Result<DemoReport> {
         println!("Ctrl-C stops everything");
         let _ = tokio::signal::ctrl_c().await;
     }
-    load_stop.store(true, Ordering::Relaxed);
-    let _ = stop_tx.send(true);
-    for agent in agents {
-        let _ = tokio::time::timeout(Duration::from_secs(10), agent).await;
-    }
-    for l in load {
-        let _ = tokio::task::spawn_blocking(move || l.join()).await;
-    }
-    server.shutdown().await;
+    local.stop().await;
     if options.once && options.dir.is_none() {
         let _ = std::fs::remove_dir_all(&dir);
     }
