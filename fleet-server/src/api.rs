@@ -171,6 +171,7 @@ pub fn router(fleet: Arc<Fleet>) -> Router {
     Router::new()
         .route("/api/v1/openapi.json", get(openapi))
         .route("/api/v1/health", get(health))
+        .route("/api/v1/whoami", get(whoami))
         .route("/metrics", get(metrics))
         .route(
             "/api/v1/models",
@@ -187,6 +188,11 @@ pub fn router(fleet: Arc<Fleet>) -> Router {
             get(model_telemetry),
         )
         .route("/api/v1/models/{name}/{version}/drift", get(model_drift))
+        .route(
+            "/api/v1/models/{name}/{version}/profile",
+            get(model_profile),
+        )
+        .route("/api/v1/fleet", get(fleet_overview))
         .route("/api/v1/devices", get(list_devices).post(enroll_device))
         .route("/api/v1/devices/{id}", get(show_device))
         .route("/api/v1/devices/{id}/assign", post(assign_model))
@@ -201,6 +207,7 @@ pub fn router(fleet: Arc<Fleet>) -> Router {
         .route("/api/v1/rollouts/{id}", get(show_rollout))
         .route("/api/v1/rollouts/{id}/{command}", post(command_rollout))
         .route("/api/v1/audit", get(audit_log))
+        .merge(crate::console::router())
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(axum::middleware::from_fn_with_state(
             fleet.clone(),
@@ -231,6 +238,16 @@ async fn openapi() -> impl IntoResponse {
 
 async fn health() -> Json<Value> {
     Json(json!({"status": "ok"}))
+}
+
+/// Who the token belongs to and what it may do: the console signs in with it.
+async fn whoami(State(fleet): State<Arc<Fleet>>, headers: HeaderMap) -> ApiResult<Json<Value>> {
+    let caller = authorize(&fleet, &headers, Role::Viewer).await?;
+    Ok(Json(json!({
+        "name": caller.name,
+        "role": caller.role.as_str(),
+        "token_id": caller.token_id,
+    })))
 }
 
 async fn metrics(State(fleet): State<Arc<Fleet>>) -> impl IntoResponse {
@@ -409,6 +426,23 @@ async fn show_model(
         "manifest": manifest,
         "signed_by": envelope.key_id.to_string(),
     })))
+}
+
+/// The version's reference profile (what its drift is judged against): per feature the bin
+/// edges and reference proportions, the prediction's, and the calibrated thresholds.
+async fn model_profile(
+    State(fleet): State<Arc<Fleet>>,
+    headers: HeaderMap,
+    Path((name, version)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    authorize(&fleet, &headers, Role::Viewer).await?;
+    let record = find_model(&fleet, &name, &version).await?;
+    match fleet.registry.profile(&record).await? {
+        Some(profile) => Ok(Json(json!({ "profile": profile }))),
+        None => Err(ApiError::not_found(format!(
+            "{name}@{version} was pushed without a reference profile"
+        ))),
+    }
 }
 
 async fn delete_model(
@@ -618,13 +652,104 @@ fn drift_summary(
 
 // ---- devices -----------------------------------------------------------------------------
 
+#[derive(Debug, Deserialize)]
+struct DeviceListQuery {
+    /// `key=value[,key=value]`: every label must match.
+    #[serde(default)]
+    label: Option<String>,
+    /// online, offline, never_seen or revoked.
+    #[serde(default)]
+    presence: Option<String>,
+    /// Devices with this model active (and with `version`, that version).
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    version: Option<String>,
+    /// Part of the device id.
+    #[serde(default)]
+    q: Option<String>,
+    #[serde(default)]
+    offset: usize,
+    /// At most this many (default: all).
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+/// Devices, filtered and paged on the server (a console showing 50 of 1,000 devices fetches
+/// 50), with the number that matched.
 async fn list_devices(
+    State(fleet): State<Arc<Fleet>>,
+    headers: HeaderMap,
+    Query(q): Query<DeviceListQuery>,
+) -> ApiResult<Json<Value>> {
+    authorize(&fleet, &headers, Role::Viewer).await?;
+    let empty = |s: Option<String>| s.filter(|v| !v.trim().is_empty());
+    let presence = empty(q.presence);
+    if let Some(p) = &presence {
+        if !["online", "offline", "never_seen", "revoked"].contains(&p.as_str()) {
+            return Err(ApiError::invalid(format!(
+                "presence {p:?}: expected online, offline, never_seen or revoked"
+            )));
+        }
+    }
+    let filter = crate::overview::DeviceFilter {
+        labels: crate::overview::DeviceFilter::parse_labels(q.label.as_deref().unwrap_or(""))
+            .map_err(ApiError::invalid)?,
+        presence,
+        model: empty(q.model),
+        version: empty(q.version),
+        search: empty(q.q),
+    };
+    let matched: Vec<_> = fleet
+        .store
+        .devices()
+        .await?
+        .into_iter()
+        .filter(|d| filter.matches(d))
+        .collect();
+    let total = matched.len();
+    // Each device with its assignments (what it should run), beside what it reports.
+    let mut assignments: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for (device, model, version) in fleet.store.all_assignments().await? {
+        assignments
+            .entry(device)
+            .or_default()
+            .push(json!({"model": model, "version": version}));
+    }
+    let page: Vec<Value> = matched
+        .into_iter()
+        .skip(q.offset)
+        .take(q.limit.unwrap_or(usize::MAX).min(10_000))
+        .map(|d| {
+            let assigned = assignments.remove(&d.id).unwrap_or_default();
+            let mut v = json!(d);
+            if let Some(o) = v.as_object_mut() {
+                o.insert("assignments".into(), Value::Array(assigned));
+            }
+            v
+        })
+        .collect();
+    Ok(Json(
+        json!({ "devices": page, "total": total, "offset": q.offset }),
+    ))
+}
+
+/// The fleet at a glance: devices by presence, and per model the versions running, the
+/// versions assigned, and how the assigned devices stand (on target, updating, failed, behind).
+async fn fleet_overview(
     State(fleet): State<Arc<Fleet>>,
     headers: HeaderMap,
 ) -> ApiResult<Json<Value>> {
     authorize(&fleet, &headers, Role::Viewer).await?;
     let devices = fleet.store.devices().await?;
-    Ok(Json(json!({ "devices": devices })))
+    let assignments = fleet.store.all_assignments().await?;
+    let overview = crate::overview::overview(&devices, &assignments);
+    let active = fleet.store.rollouts(None, true).await?.len();
+    Ok(Json(json!({
+        "devices": overview.devices,
+        "models": overview.models,
+        "active_rollouts": active,
+    })))
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -759,6 +884,9 @@ struct ItemsQuery {
     after_id: i64,
     #[serde(default = "default_limit")]
     limit: i64,
+    /// The newest `limit` items rather than the oldest (the reply is oldest first either way).
+    #[serde(default)]
+    newest: bool,
 }
 
 async fn device_items(
@@ -771,10 +899,15 @@ async fn device_items(
     if fleet.store.device(&id).await?.is_none() {
         return Err(ApiError::not_found(format!("no device {id}")));
     }
-    let items = fleet
-        .store
-        .items(&id, q.kind.as_deref(), q.after_id, q.limit.clamp(1, 10_000))
-        .await?;
+    let (kind, limit) = (q.kind.as_deref(), q.limit.clamp(1, 10_000));
+    let items = if q.newest {
+        fleet
+            .store
+            .items_newest(&id, kind, q.after_id, limit)
+            .await?
+    } else {
+        fleet.store.items(&id, kind, q.after_id, limit).await?
+    };
     Ok(Json(json!({ "items": items })))
 }
 
@@ -975,11 +1108,14 @@ mod tests {
         for route in [
             "/api/v1/openapi.json",
             "/api/v1/health",
+            "/api/v1/whoami",
             "/metrics",
             "/api/v1/models",
             "/api/v1/models/{name}/{version}",
             "/api/v1/models/{name}/{version}/telemetry",
             "/api/v1/models/{name}/{version}/drift",
+            "/api/v1/models/{name}/{version}/profile",
+            "/api/v1/fleet",
             "/api/v1/devices",
             "/api/v1/devices/{id}",
             "/api/v1/devices/{id}/assign",

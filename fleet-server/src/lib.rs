@@ -13,11 +13,13 @@ pub mod bus; // the server's own MQTT session: subscribes to device topics, rout
 pub mod ca; // the device CA: device and broker certificates, the CRL
 pub mod client; // fleetctl's REST client: tokens from flags, env or file; uploads with progress
 pub mod config; // server.toml: documented defaults, paths relative to the file, flag overrides
+pub mod console; // the operator console: a single-page app built into the binary, served at /
 pub mod demo; // `fleet-server demo`: server, local agents, app load, three rollouts, summary
 pub mod fleet; // operations: enroll, revoke, assign; signed directives with persisted sequences
 pub mod ingest; // up/state/status into the store, idempotent by (device, item id), ack after commit
 pub mod keyfile; // key files on disk: PKCS#8 PEM private keys (0600), SPKI PEM public keys
 pub mod metrics; // the server's counters in Prometheus text
+pub mod overview; // the fleet at a glance (presence, versions running, compliance) and device filters, pure
 pub mod profile; // fleetctl profile build: reference profiles from data, thresholds calibrated by bootstrap
 pub mod registry; // signed manifests and content-addressed blobs: push, verify, delete
 pub mod release; // signing a model's manifest, verifying a model against its manifest

@@ -777,6 +777,16 @@ impl Store {
             .collect()
     }
 
+    /// Every assignment in the fleet: (device, model, version).
+    pub async fn all_assignments(&self) -> Result<Vec<(String, String, String)>, StoreError> {
+        let rows = sqlx::query("SELECT device, model, version FROM assignments")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+            .collect()
+    }
+
     pub async fn assignments(&self, device: &str) -> Result<Vec<Assignment>, StoreError> {
         let rows = sqlx::query(
             "SELECT device, model, version, assigned_at_ms FROM assignments WHERE device = $1 ORDER BY model",
@@ -1025,15 +1035,43 @@ impl Store {
         after_id: i64,
         limit: i64,
     ) -> Result<Vec<StoredItem>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT device, id, kind, at_ms, model, release, body FROM items WHERE device = $1 AND id > $2 AND ($3 = '' OR kind = $3) ORDER BY id LIMIT $4",
-        )
-        .bind(device)
-        .bind(after_id)
-        .bind(kind.unwrap_or(""))
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
+        self.items_page(device, kind, after_id, limit, false).await
+    }
+
+    /// The newest `limit` items of a device (of one kind, when given) after `after_id`,
+    /// oldest first: "the last N health reports".
+    pub async fn items_newest(
+        &self,
+        device: &str,
+        kind: Option<&str>,
+        after_id: i64,
+        limit: i64,
+    ) -> Result<Vec<StoredItem>, StoreError> {
+        let mut items = self.items_page(device, kind, after_id, limit, true).await?;
+        items.reverse();
+        Ok(items)
+    }
+
+    async fn items_page(
+        &self,
+        device: &str,
+        kind: Option<&str>,
+        after_id: i64,
+        limit: i64,
+        newest_first: bool,
+    ) -> Result<Vec<StoredItem>, StoreError> {
+        let sql = if newest_first {
+            "SELECT device, id, kind, at_ms, model, release, body FROM items WHERE device = $1 AND id > $2 AND ($3 = '' OR kind = $3) ORDER BY id DESC LIMIT $4"
+        } else {
+            "SELECT device, id, kind, at_ms, model, release, body FROM items WHERE device = $1 AND id > $2 AND ($3 = '' OR kind = $3) ORDER BY id LIMIT $4"
+        };
+        let rows = sqlx::query(sql)
+            .bind(device)
+            .bind(after_id)
+            .bind(kind.unwrap_or(""))
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(item_from_row).collect()
     }
 
