@@ -13,23 +13,35 @@
  * Every string from the API goes through esc(), via the h`` template tag, which escapes each
  * interpolated value unless it is already-built markup (raw()).
  *
- * API additions this console would want (it shows what exists and says what is missing):
- *  1. GET /api/v1/models/{name}/{version}/profile → the reference profile JSON
- *     (ReferenceProfile: features[].name/edges/proportions, thresholds[].psi per window).
- *     Without it the drift page cannot draw the reference histogram, name features, or turn
- *     a feature's PSI into a score (psi / threshold).
- *  2. Per-feature drift counts in GET …/drift: {"features": [{"index", "psi", "counts": [..],
- *     "missing", "score"}]}; the merged counts are there server-side but not returned, so the
- *     current histogram is rebuilt here from each device's recent drift items.
- *  3. GET /api/v1/devices/{id}/items?newest=true (or since_ms=): items come oldest first only;
- *     for "recent" items the console starts from after_id = acked_up_to - N (item ids are one
- *     sequence per device across kinds), which is an approximation.
- *  4. Assignments in GET /api/v1/devices ({"devices": [{..., "assignments": [{model, version}]}]}):
- *     the overview's compliance uses the target the device itself reports (state.models[].target)
- *     because the server-side assignment is only on GET /devices/{id}; a directive the device has
- *     not accepted yet therefore does not show as "behind".
- *  5. The number of devices a rollout's selector matched, on GET /rollouts/{id} (it is only in the
- *     rollout_created audit entry's details.devices, which the stage bars read).
+ * What it reads from the API (besides whoami, models, rollouts and audit):
+ *  - GET /api/v1/fleet: the overview's counts and per-model compliance, computed on the server
+ *    against the server-side assignments (a device that never connected, or has not accepted
+ *    its directive, counts as behind). The overview names devices that are not on target only
+ *    while the whole fleet fits in one small page (FLEET_NAMES_MAX); it never lists a large one.
+ *  - GET /api/v1/devices?label=&presence=&model=&version=&q=&offset=&limit=: the devices page
+ *    fetches only the page it shows (PAGE_SIZE rows), filtered on the server, with `total`;
+ *    each device carries its `assignments` (the target the server asked for). The models page
+ *    asks for a few names per running version (model=&version=&limit=), the drift page for a
+ *    small sample to learn the label keys; nothing downloads every device.
+ *  - GET /api/v1/models/{name}/{version}/profile: the reference profile (cached per version, it
+ *    never changes): feature names, the reference histogram, and per-feature scores (PSI over
+ *    the threshold calibrated for the window's sample count, as protocol/src/drift.rs `score`
+ *    and rollout_runner.rs `drift_score` compute them).
+ *  - GET /api/v1/devices/{id}/items?kind=K&limit=N&newest=true (and after_id= for what came
+ *    since): the device charts, events and the drift page's recent windows.
+ *
+ * Still missing (the console says so where it matters):
+ *  1. Per-feature counts in GET …/drift ({"features": [{"index", "psi", "counts", …}]}): the
+ *     server merges every window's counts but returns only the scores, so the drift page rebuilds
+ *     the "current" histogram from the newest drift items of a few devices (drift items are large:
+ *     about 11 KiB each for a 64-feature model). A filter by model/release/window on the items
+ *     endpoint would also help: the newest N drift items mix window lengths and versions.
+ *  2. The number of devices a rollout's selector matched, on GET /rollouts/{id} (it is only in
+ *     the rollout_created audit entry's details.devices, which the stage bars read).
+ *  3. A compliance filter on GET /devices (?compliance=behind&model=M): the overview could then
+ *     name the devices behind in a fleet of any size, and the devices page filter on it.
+ *  4. The prediction's max-probability PSI in GET …/drift (only prediction_psi is returned), so
+ *     the per-device score there covers the class histogram but not the confidence histogram.
  */
 'use strict';
 
@@ -49,11 +61,18 @@
     abort: ['running', 'paused'],
     rollback: ['running', 'paused', 'aborted', 'completed'],
   };
-  const MAX_POINTS = 600; // per chart series: enough for ~10 min at 1 report/s
-  const RECENT_ITEMS = 4000; // how far back (in item ids) "recent" telemetry/health reaches
-  const RECENT_DRIFT_ITEMS = 500; // drift windows are large (counts per feature): look back less
-  const DRIFT_DEVICES = 6; // devices whose drift items the drift page follows
+  const MAX_POINTS = 600; // newest telemetry/health items per device chart: ~10 min at 1 report/s
+  const RECENT_EVENTS = 200; // newest events per device (the table shows 50)
+  const RECENT_EVICTIONS = 50;
+  const DRIFT_ITEMS = 30; // newest drift items per followed device: they are large (counts per feature)
+  const DRIFT_ITEMS_EVERY_MS = 10000; // and are fetched again at most this often
+  const DRIFT_DEVICES = 5; // devices whose drift items the drift page follows
   const DRIFT_TABLE_ROWS = 50; // devices (and cohorts) in the drift tables and heat map
+  const FLEET_NAMES_MAX = 100; // the overview names devices off target only in a fleet this small
+  const MODEL_NAMES = 8; // device names per running version on the models page
+  const LABEL_SAMPLE = 100; // devices sampled for the drift page's label keys
+  const FILTER_DEBOUNCE_MS = 300;
+  const COMPLIANCE = ['on_target', 'updating', 'failed', 'behind'];
 
   // ---- helpers: escaping and markup -----------------------------------------------------
 
@@ -145,7 +164,7 @@
   }
   const fmtUs = (us) => (us === null || us === undefined ? '—' : us >= 1000 ? `${fmtNum(us / 1000)} ms` : `${fmtNum(us, 0)} µs`);
   const shortHash = (s, n = 12) => (s ? h`<code title="${s}">${s.slice(0, n)}…</code>` : '—');
-  const plural = (n, one, many = one + 's') => `${n} ${n === 1 ? one : many}`;
+  const plural = (n, one, many = one + 's') => `${typeof n === 'number' ? n.toLocaleString('en') : n} ${n === 1 ? one : many}`;
 
   function labelsText(labels) {
     return Object.entries(labels || {}).map(([k, v]) => `${k}=${v}`).join(', ');
@@ -178,6 +197,22 @@
     if (phase === 'failed' || phase === 'rolled_back') return 'failed';
     return 'behind';
   }
+
+  /**
+   * How a device stands against a server-side assignment of `model` to `target`: the rule of
+   * fleet-server/src/overview.rs `compliance`, so the names the console lists agree with the
+   * counts GET /fleet returns (no entry for the model, or another version idle: behind).
+   */
+  function standing(d, model, target) {
+    const ms = modelStates(d).find((m) => m.name === model);
+    if (!ms) return 'behind';
+    const phase = ms.phase && ms.phase.phase;
+    if (phase === 'failed' || phase === 'rolled_back') return 'failed';
+    if (IN_PROGRESS.has(phase)) return 'updating';
+    return ms.active && ms.active.version === target ? 'on_target' : 'behind';
+  }
+  const standingBadge = (c) => h`<span class="badge inst-${c}">${c.replace('_', ' ')}</span>`;
+  const fmtCount = (n) => (Number.isFinite(n) ? n.toLocaleString('en') : '—');
 
   /** An install phase in words, with download progress and failure reason. */
   function phaseCell(phase) {
@@ -362,17 +397,24 @@
   let inFlight = false;
   let again = false;
 
+  /** #/devices/ID, #/rollouts/ID, #/drift/MODEL/VERSION, #/devices?label=…&status=…&version=M@V&q=… */
   function parseRoute() {
-    const parts = location.hash.replace(/^#\/?/, '').split('/').filter(Boolean).map((p) => {
+    const hash = location.hash.replace(/^#\/?/, '');
+    const qi = hash.indexOf('?');
+    const query = new URLSearchParams(qi >= 0 ? hash.slice(qi + 1) : '');
+    const parts = (qi >= 0 ? hash.slice(0, qi) : hash).split('/').filter(Boolean).map((p) => {
       try { return decodeURIComponent(p); } catch (_) { return p; }
     });
     const [head, ...rest] = parts;
     if (head === 'devices' && rest.length) return { name: 'device', nav: 'devices', params: { id: rest.join('/') } };
     if (head === 'rollouts' && rest.length) return { name: 'rollout', nav: 'rollouts', params: { id: rest.join('/') } };
     if (head === 'drift') return { name: 'drift', nav: 'drift', params: { model: rest[0], version: rest[1] } };
-    if (['overview', 'devices', 'models', 'rollouts'].includes(head)) return { name: head, nav: head, params: {} };
+    if (['overview', 'devices', 'models', 'rollouts'].includes(head)) return { name: head, nav: head, params: { query } };
     return null;
   }
+
+  /** A link to the devices page with these filters set (label, status, version, q). */
+  const devicesLink = (filters) => `#/devices?${new URLSearchParams(filters).toString()}`;
 
   function route() {
     if (!session.token || !session.me) return;
@@ -501,33 +543,33 @@
       </svg>${note ? h`<figcaption class="muted small">${note}</figcaption>` : ''}</figure>`;
   }
 
-  // ---- item cache: recent outbox items per device and kind, fetched incrementally --------
+  // ---- item cache: the newest outbox items per device and kind, fetched incrementally ----
 
-  const itemCache = new Map(); // `${device}/${kind}` → {after, items}
+  const itemCache = new Map(); // `${device}/${kind}/${n}` → {after, items, at}
+  const ITEM_CACHE_KEYS = 40;
 
   /**
-   * Recent items of one kind for a device. The first call starts `lookback` ids before the
-   * device's acked_up_to (ids are one sequence per device, so that is roughly "the last N items
-   * of any kind"); later calls ask only for ids after the newest one seen.
+   * The newest `n` items of one kind for a device, oldest first. The first call asks for
+   * ?newest=true&limit=n; later ones for the newest n after the last id seen, so a poll only
+   * downloads what arrived since (and when n or more arrived, those replace the cache). With
+   * `minAgeMs`, a cache younger than that is returned without asking.
    */
-  async function recentItems(device, kind, ackedUpTo, lookback, keep = MAX_POINTS) {
-    const key = `${device}/${kind}`;
+  async function newestItems(device, kind, n, minAgeMs = 0) {
+    const key = `${device}/${kind}/${n}`;
     let c = itemCache.get(key);
-    if (!c) {
-      c = { after: lookback === Infinity ? 0 : Math.max(0, (ackedUpTo || 0) - lookback), items: [] };
-      itemCache.set(key, c);
+    const touch = () => { itemCache.delete(key); itemCache.set(key, c); }; // least recently used first
+    if (c && Date.now() - c.at < minAgeMs) { touch(); return c.items; }
+    const q = `kind=${encodeURIComponent(kind)}&newest=true&limit=${n}${c ? `&after_id=${c.after}` : ''}`;
+    const items = (await api(`/devices/${encodeURIComponent(device)}/items?${q}`)).items || [];
+    if (!c || items.length >= n) c = { after: 0, items: [], at: 0 };
+    if (items.length) {
+      c.items.push(...items);
+      c.after = items[items.length - 1].id;
+      if (c.items.length > n) c.items.splice(0, c.items.length - n);
     }
-    for (let page = 0; page < 5; page += 1) {
-      const q = `kind=${encodeURIComponent(kind)}&after_id=${c.after}&limit=2000`;
-      const res = await api(`/devices/${encodeURIComponent(device)}/items?${q}`);
-      const items = res.items || [];
-      if (items.length) {
-        c.items.push(...items);
-        c.after = items[items.length - 1].id;
-        if (c.items.length > keep) c.items.splice(0, c.items.length - keep);
-      }
-      if (items.length < 2000) break;
-    }
+    c.at = Date.now();
+    touch();
+    while (itemCache.size > ITEM_CACHE_KEYS) itemCache.delete(itemCache.keys().next().value);
     return c.items;
   }
 
@@ -544,17 +586,18 @@
         <section id="ov-models"><p class="loading">Loading…</p></section>`);
     },
     async refresh(_p, g) {
-      const [devs, rolls, models] = await Promise.all([api('/devices'), api('/rollouts'), api('/models')]);
+      const [fleet, rolls, models] = await Promise.all([api('/fleet'), api('/rollouts'), api('/models')]);
       if (!alive(g)) return;
-      const devices = devs.devices || [];
-      const counts = { online: 0, offline: 0, never: 0, revoked: 0 };
-      devices.forEach((d) => { counts[presenceOf(d)] += 1; });
-      setHTML($('#ov-presence'), devices.length ? h`
-        <div class="card stat"><span class="num">${devices.length}</span><span>devices enrolled</span></div>
-        <div class="card stat ok"><span class="num">${counts.online}</span><span>online</span></div>
-        <div class="card stat warn"><span class="num">${counts.offline}</span><span>offline</span></div>
-        <div class="card stat"><span class="num">${counts.never}</span><span>never seen</span></div>
-        ${counts.revoked ? h`<div class="card stat bad"><span class="num">${counts.revoked}</span><span>revoked</span></div>` : ''}`
+      const c = fleet.devices || {};
+      const total = c.total || 0;
+      const stat = (cls, n, text, filters) => h`<a class="card stat${cls ? ` ${cls}` : ''}" href="${devicesLink(filters)}"><span class="num">${fmtCount(n || 0)}</span><span>${text}</span></a>`;
+      setHTML($('#ov-presence'), total ? h`
+        ${stat('', total, 'devices enrolled', { status: '' })}
+        ${stat('ok', c.online, 'online', { status: 'online' })}
+        ${stat('warn', c.offline, 'offline', { status: 'offline' })}
+        ${stat('', c.never_seen, 'never seen', { status: 'never_seen' })}
+        ${c.revoked ? stat('bad', c.revoked, 'revoked', { status: 'revoked' }) : ''}
+        <a class="card stat" href="#/rollouts"><span class="num">${fmtCount(fleet.active_rollouts || 0)}</span><span>active ${fleet.active_rollouts === 1 ? 'rollout' : 'rollouts'}</span></a>`
         : emptyState('No devices enrolled yet — enroll one with fleetctl device enroll'));
 
       const active = (rolls.rollouts || []).filter((r) => ACTIVE_PHASES.has(r.phase));
@@ -563,53 +606,57 @@
         ${finished.length ? h`<h3 class="sub-h">Recently finished</h3>${rolloutTable(finished)}` : ''}
         <p class="small"><a href="#/rollouts">All rollouts</a></p>`);
 
-      // Per model: versions running (active on a device) and compliance against the target.
-      const byModel = new Map();
-      const entry = (name) => {
-        if (!byModel.has(name)) byModel.set(name, { versions: new Map(), comp: { on_target: 0, updating: 0, failed: 0, behind: 0 }, noTarget: 0, detail: { updating: [], failed: [], behind: [] } });
-        return byModel.get(name);
-      };
-      (models.models || []).forEach((m) => entry(m.name));
-      devices.filter((d) => !d.revoked_at_ms).forEach((d) => {
-        modelStates(d).forEach((ms) => {
-          const e = entry(ms.name);
-          const v = ms.active ? ms.active.version : null;
-          if (v) e.versions.set(v, (e.versions.get(v) || 0) + 1);
-          const c = compliance(ms);
-          if (!c) { e.noTarget += 1; return; }
-          e.comp[c] += 1;
-          if (e.detail[c]) e.detail[c].push(d.id);
-        });
-      });
+      // Per model: the server's counts. Names of the devices off target only in a small fleet,
+      // where one page of the device list is the whole fleet (see FLEET_NAMES_MAX).
+      const byModel = new Map((fleet.models || []).map((m) => [m.model, m]));
+      (models.models || []).forEach((m) => { if (!byModel.has(m.name)) byModel.set(m.name, { model: m.name, running: {}, assigned: {}, compliance: {} }); });
+      const offTarget = [...byModel.values()].some((m) => COMPLIANCE.some((k) => k !== 'on_target' && (m.compliance || {})[k]));
+      const names = new Map(); // `${model}/${standing}` → device ids
+      let named = false;
+      if (offTarget && total > 0 && total <= FLEET_NAMES_MAX) {
+        const res = await api(`/devices?limit=${FLEET_NAMES_MAX}`);
+        if (!alive(g)) return;
+        named = (res.total || 0) <= FLEET_NAMES_MAX;
+        (res.devices || []).filter((d) => !d.revoked_at_ms).forEach((d) => (d.assignments || []).forEach((a) => {
+          const k = `${a.model}/${standing(d, a.model, a.version)}`;
+          names.set(k, (names.get(k) || []).concat(d.id));
+        }));
+      }
       const registry = new Map();
       (models.models || []).forEach((m) => { registry.set(m.name, (registry.get(m.name) || []).concat(m)); });
-      const cards = [...byModel.entries()].sort((a, b) => a[0].localeCompare(b[0])).map(([name, e]) => {
-        const total = e.comp.on_target + e.comp.updating + e.comp.failed + e.comp.behind;
-        const versions = [...e.versions.entries()].sort((a, b) => b[1] - a[1]);
-        const regVersions = (registry.get(name) || []).length;
-        const who = (list) => (list.length ? h` <span class="muted small">(${list.slice(0, 8).map((id, i) => h`${i ? ', ' : ''}<a href="${link(['devices', id])}">${id}</a>`)}${list.length > 8 ? ` +${list.length - 8}` : ''})</span>` : '');
+      const versionList = (counts, model, verb) => {
+        const e = Object.entries(counts || {}).sort((a, b) => b[1] - a[1]);
+        return e.map(([v, n], i) => h`${i ? ' · ' : ''}<a class="chip" href="${devicesLink({ version: `${model}@${v}` })}" title="list the devices with ${model}@${v} active">${v}</a> ${verb} ${plural(n, 'device')}`);
+      };
+      const cards = [...byModel.values()].sort((a, b) => a.model.localeCompare(b.model)).map((m) => {
+        const comp = Object.fromEntries(COMPLIANCE.map((k) => [k, (m.compliance || {})[k] || 0]));
+        const assigned = COMPLIANCE.reduce((a, k) => a + comp[k], 0);
+        const regVersions = (registry.get(m.model) || []).length;
+        const who = (k) => {
+          const list = names.get(`${m.model}/${k}`) || [];
+          return list.length ? h` <span class="muted small">(${list.slice(0, 8).map((id, i) => h`${i ? ', ' : ''}<a href="${link(['devices', id])}">${id}</a>`)}${list.length > 8 ? ` +${list.length - 8}` : ''})</span>` : '';
+        };
         return h`<div class="card model-card">
-          <h3>${name} <span class="muted small">${plural(regVersions, 'version')} in the registry</span></h3>
-          <p><strong>Running:</strong> ${versions.length ? versions.map(([v, n], i) => h`${i ? ' · ' : ''}<span class="chip">${v}</span> on ${plural(n, 'device')}`) : h`<span class="muted">no device runs it</span>`}</p>
-          ${total ? h`
+          <h3>${m.model} <span class="muted small">${plural(regVersions, 'version')} in the registry</span></h3>
+          <p><strong>Running:</strong> ${Object.keys(m.running || {}).length ? versionList(m.running, m.model, 'on') : h`<span class="muted">no device runs it</span>`}</p>
+          <p><strong>Assigned:</strong> ${Object.keys(m.assigned || {}).length ? Object.entries(m.assigned).sort((a, b) => b[1] - a[1]).map(([v, n], i) => h`${i ? ' · ' : ''}<span class="chip">${v}</span> to ${plural(n, 'device')}`) : h`<span class="muted">no device is assigned it</span>`}</p>
+          ${assigned ? h`
             ${progressBar([
-              { cls: 'seg-installed', value: e.comp.on_target, title: 'on target' },
-              { cls: 'seg-pending', value: e.comp.updating, title: 'updating' },
-              { cls: 'seg-failed', value: e.comp.failed, title: 'failed' },
-              { cls: 'seg-behind', value: e.comp.behind, title: 'behind' }], total, `${name} compliance`)}
+              { cls: 'seg-installed', value: comp.on_target, title: 'on target' },
+              { cls: 'seg-pending', value: comp.updating, title: 'updating' },
+              { cls: 'seg-failed', value: comp.failed, title: 'failed' },
+              { cls: 'seg-behind', value: comp.behind, title: 'behind' }], assigned, `${m.model} compliance`)}
             <ul class="legend-list">
-              <li><i class="sw seg-installed"></i>on target: ${e.comp.on_target}</li>
-              <li><i class="sw seg-pending"></i>updating: ${e.comp.updating}${who(e.detail.updating)}</li>
-              <li><i class="sw seg-failed"></i>failed: ${e.comp.failed}${who(e.detail.failed)}</li>
-              <li><i class="sw seg-behind"></i>behind: ${e.comp.behind}${who(e.detail.behind)}</li>
+              <li><i class="sw seg-installed"></i>on target: ${fmtCount(comp.on_target)}</li>
+              <li><i class="sw seg-pending"></i>updating: ${fmtCount(comp.updating)}${who('updating')}</li>
+              <li><i class="sw seg-failed"></i>failed: ${fmtCount(comp.failed)}${who('failed')}</li>
+              <li><i class="sw seg-behind"></i>behind: ${fmtCount(comp.behind)}${who('behind')}</li>
             </ul>
-            <p class="muted small">Of ${plural(total, 'device')} with a known target (the version its last accepted directive asked for).${e.noTarget ? ` ${e.noTarget} more report the model without a target.` : ''}</p>`
-            : h`<p class="muted">No device reports a target for this model.</p>`}
+            <p class="muted small">Of ${plural(assigned, 'device')} assigned a version on the server (revoked devices not counted). Behind: another version or none active and no install under way — offline, never connected, or the directive not applied yet.${offTarget && !named && assigned > comp.on_target ? ` Names are listed for fleets of up to ${FLEET_NAMES_MAX} devices.` : ''}</p>`
+            : h`<p class="muted">No device is assigned this model.</p>`}
         </div>`;
       });
-      const silent = devices.filter((d) => !d.revoked_at_ms && !d.state).length;
-      setHTML($('#ov-models'), cards.length ? h`<div class="cards wide">${cards}</div>
-        ${silent ? h`<p class="muted small">${plural(silent, 'enrolled device')} ${silent === 1 ? 'has' : 'have'} not reported a state yet, so ${silent === 1 ? 'it is' : 'they are'} not counted above.</p>` : ''}`
+      setHTML($('#ov-models'), cards.length ? h`<div class="cards wide">${cards}</div>`
         : emptyState('No model in the registry yet — push one with fleetctl model push'));
     },
     fail(e) { setHTML($('#ov-presence'), errorBox(errorText(e))); },
@@ -632,45 +679,122 @@
     return e.length ? h`<span class="muted small">(${e.map(([k, n]) => `${n} ${k.replace('_', ' ')}`).join(', ')})</span>` : '';
   };
 
-  // ---- page: devices --------------------------------------------------------------------
+  // ---- page: devices (filtered and paged on the server) ---------------------------------
 
-  const deviceUi = { label: '', status: '', version: '', page: 0 };
-  let deviceList = [];
+  const STATUSES = [['', 'any'], ['online', 'online'], ['offline', 'offline'], ['never_seen', 'never seen'], ['revoked', 'revoked']];
+  // version: '' (any), 'M@' (model M, any version) or 'M@V'.
+  const deviceUi = { label: '', status: '', version: '', q: '', page: 0 };
+  let deviceTimer = null;
+
+  /** The label field as the server takes it: comma-separated key=value pairs, trimmed. */
+  function labelQuery(text) {
+    return text.split(',').map((t) => t.trim()).filter(Boolean).join(',');
+  }
+
+  /** The devices query for the current filters and page. */
+  function deviceQuery() {
+    const q = new URLSearchParams();
+    const label = labelQuery(deviceUi.label);
+    if (label) q.set('label', label);
+    if (deviceUi.status) q.set('presence', deviceUi.status);
+    if (deviceUi.version) {
+      const at = deviceUi.version.indexOf('@');
+      q.set('model', at < 0 ? deviceUi.version : deviceUi.version.slice(0, at));
+      if (at >= 0 && at < deviceUi.version.length - 1) q.set('version', deviceUi.version.slice(at + 1));
+    }
+    if (deviceUi.q.trim()) q.set('q', deviceUi.q.trim());
+    q.set('offset', String(deviceUi.page * PAGE_SIZE));
+    q.set('limit', String(PAGE_SIZE));
+    return q.toString();
+  }
 
   const devicesPage = {
-    mount(root) {
+    mount(root, { query }) {
+      if (query && [...query.keys()].length) {
+        // A link with filters (from the overview or the models page) replaces the current ones.
+        Object.assign(deviceUi, { label: query.get('label') || '', status: query.get('status') || '', version: query.get('version') || '', q: query.get('q') || '', page: 0 });
+      }
       root.innerHTML = String(h`
         <h1>Devices</h1>
         <form class="filters card" id="device-filters" autocomplete="off">
-          <label>Labels <input id="df-labels" type="search" placeholder="site=berlin, hw=rpi4" value="${deviceUi.label}"></label>
-          <label>Status <select id="df-status">
-            ${['', 'online', 'offline', 'never', 'revoked'].map((s) => h`<option value="${s}"${deviceUi.status === s ? raw(' selected') : ''}>${s === '' ? 'any' : s === 'never' ? 'never seen' : s}</option>`)}
+          <label for="filter-label">Labels <input id="filter-label" type="search" placeholder="site=berlin, hw=rpi4" value="${deviceUi.label}" spellcheck="false"
+            title="key=value pairs separated by commas; a device must have every one"></label>
+          <label for="filter-status">Status <select id="filter-status">
+            ${STATUSES.map(([v, text]) => h`<option value="${v}"${deviceUi.status === v ? raw(' selected') : ''}>${text}</option>`)}
           </select></label>
-          <label>Version <select id="df-version"><option value="">any</option></select></label>
+          <label for="filter-version">Active model <select id="filter-version"><option value="">any</option></select></label>
+          <label for="filter-q">Device id <input id="filter-q" type="search" placeholder="part of the id" value="${deviceUi.q}" spellcheck="false"></label>
+          <div id="filter-error" class="form-error filter-error" role="alert" hidden></div>
         </form>
-        <section id="device-table"><p class="loading">Loading…</p></section>`);
-      const rerender = () => { deviceUi.page = 0; renderDeviceTable(); };
-      $('#df-labels').addEventListener('input', (e) => { deviceUi.label = e.target.value; rerender(); });
-      $('#df-status').addEventListener('change', (e) => { deviceUi.status = e.target.value; rerender(); });
-      $('#df-version').addEventListener('change', (e) => { deviceUi.version = e.target.value; rerender(); });
-      $('#device-filters').addEventListener('submit', (e) => e.preventDefault());
+        <section id="device-table" aria-live="polite"><p class="loading">Loading…</p></section>`);
+      // Typing: the list follows after a short pause, not on every key (polls in between keep
+      // the filter that was last applied).
+      const typed = (key) => (e) => {
+        const input = e.target;
+        clearTimeout(deviceTimer);
+        deviceTimer = setTimeout(() => {
+          if (deviceUi[key] === input.value) return;
+          deviceUi[key] = input.value;
+          deviceUi.page = 0;
+          tick();
+        }, FILTER_DEBOUNCE_MS);
+      };
+      // A choice (or Enter) applies every control at once, a filter still being typed included.
+      const applyAll = () => {
+        clearTimeout(deviceTimer);
+        Object.assign(deviceUi, { label: $('#filter-label').value, status: $('#filter-status').value, version: $('#filter-version')._opts ? $('#filter-version').value : deviceUi.version, q: $('#filter-q').value, page: 0 });
+        tick();
+      };
+      $('#filter-label').addEventListener('input', typed('label'));
+      $('#filter-q').addEventListener('input', typed('q'));
+      $('#filter-status').addEventListener('change', applyAll);
+      $('#filter-version').addEventListener('change', applyAll);
+      $('#device-filters').addEventListener('submit', (e) => { e.preventDefault(); applyAll(); });
       $('#device-table').addEventListener('click', (e) => {
         const b = e.target.closest('button[data-page]');
         if (!b) return;
-        deviceUi.page += b.dataset.page === 'next' ? 1 : -1;
-        renderDeviceTable();
+        deviceUi.page = Math.max(0, deviceUi.page + (b.dataset.page === 'next' ? 1 : -1));
+        tick();
       });
     },
     async refresh(_p, g) {
-      const res = await api('/devices');
+      const query = deviceQuery();
+      const showFilterError = (text) => { const el = $('#filter-error'); if (el) { el.textContent = text; el.hidden = !text; } };
+      let res;
+      let fleet;
+      try {
+        [res, fleet] = await Promise.all([api(`/devices?${query}`), api('/fleet')]);
+      } catch (e) {
+        if (!alive(g) || e.status !== 400) throw e;
+        if (query !== deviceQuery()) { again = true; return; }
+        // A filter the server refuses: its message beside the filters, the last list dimmed.
+        showFilterError(`${e.message}${/label/i.test(e.message) ? ' — labels are key=value pairs separated by commas, for example site=berlin, hw=rpi4' : ''}`);
+        const t = $('#device-table');
+        if (t) t.classList.add('stale');
+        return;
+      }
       if (!alive(g)) return;
-      deviceList = res.devices || [];
-      // Version options: every model@version active somewhere, kept in order; selection kept.
-      const versions = new Set();
-      deviceList.forEach((d) => modelStates(d).forEach((ms) => { if (ms.active) versions.add(`${ms.name}@${ms.active.version}`); }));
-      const opts = ['', ...[...versions].sort(), '-'];
-      fillSelect($('#df-version'), opts.map((v) => [v, v === '' ? 'any' : v === '-' ? 'no active model' : v]), deviceUi.version);
-      renderDeviceTable();
+      if (query !== deviceQuery()) { again = true; return; } // the filters changed meanwhile
+      showFilterError('');
+      $('#device-table').classList.remove('stale');
+      const total = res.total || 0;
+      if (total > 0 && !(res.devices || []).length && deviceUi.page > 0) {
+        // Past the end (the list shrank): go to its last page.
+        deviceUi.page = Math.floor((total - 1) / PAGE_SIZE);
+        again = true;
+        return;
+      }
+      // Active model options: every model and model@version running somewhere (from /fleet).
+      const opts = [['', 'any']];
+      (fleet.models || []).slice().sort((a, b) => a.model.localeCompare(b.model)).forEach((m) => {
+        const versions = Object.keys(m.running || {}).sort();
+        if (!versions.length) return;
+        opts.push([`${m.model}@`, `${m.model} (any version)`]);
+        versions.forEach((v) => opts.push([`${m.model}@${v}`, `${m.model}@${v}`]));
+      });
+      if (deviceUi.version && !opts.some(([v]) => v === deviceUi.version)) opts.push([deviceUi.version, `${deviceUi.version.replace(/@$/, '')} (none running)`]);
+      fillSelect($('#filter-version'), opts, deviceUi.version);
+      renderDeviceTable(res.devices || [], total, (fleet.devices || {}).total || 0);
     },
     fail(e) { setHTML($('#device-table'), errorBox(errorText(e))); },
   };
@@ -686,46 +810,30 @@
     if (value !== undefined && options.some(([v]) => v === value)) sel.value = value;
   }
 
-  /** Device filter: comma/space-separated terms, each key=value, key (has the label), or id text. */
-  function deviceMatches(d) {
-    const terms = deviceUi.label.split(/[,\s]+/).map((t) => t.trim()).filter(Boolean);
-    for (const t of terms) {
-      const i = t.indexOf('=');
-      if (i > 0) {
-        if ((d.labels || {})[t.slice(0, i)] !== t.slice(i + 1)) return false;
-      } else if (!(t in (d.labels || {})) && !d.id.toLowerCase().includes(t.toLowerCase())) return false;
-    }
-    if (deviceUi.status && presenceOf(d) !== deviceUi.status) return false;
-    if (deviceUi.version) {
-      const active = modelStates(d).filter((ms) => ms.active).map((ms) => `${ms.name}@${ms.active.version}`);
-      if (deviceUi.version === '-' ? active.length > 0 : !active.includes(deviceUi.version)) return false;
-    }
-    return true;
-  }
+  const filtered = () => !!(labelQuery(deviceUi.label) || deviceUi.status || deviceUi.version || deviceUi.q.trim());
 
-  function renderDeviceTable() {
+  function renderDeviceTable(shown, total, enrolled) {
     const el = $('#device-table');
     if (!el) return;
-    if (!deviceList.length) { setHTML(el, emptyState('No devices enrolled yet — enroll one with fleetctl device enroll')); return; }
-    const rows = deviceList.filter(deviceMatches);
-    const pages = Math.max(1, Math.ceil(rows.length / PAGE_SIZE));
-    deviceUi.page = Math.min(Math.max(deviceUi.page, 0), pages - 1);
+    if (!total && !filtered()) { setHTML(el, emptyState('No devices enrolled yet — enroll one with fleetctl device enroll')); return; }
+    const pages = Math.max(1, Math.ceil(total / PAGE_SIZE));
     const start = deviceUi.page * PAGE_SIZE;
-    const shown = rows.slice(start, start + PAGE_SIZE); // only the current page is rendered
     const pager = h`<div class="pager">
       <button type="button" class="btn small" data-page="prev"${deviceUi.page === 0 ? raw(' disabled') : ''}>‹ Previous</button>
-      <span>${rows.length ? `${start + 1}–${start + shown.length} of ${rows.length}` : '0'}${rows.length !== deviceList.length ? ` (filtered from ${deviceList.length})` : ''} · page ${deviceUi.page + 1} of ${pages}</span>
+      <span>${shown.length ? `${fmtCount(start + 1)}–${fmtCount(start + shown.length)} of ${fmtCount(total)}` : `0 of ${fmtCount(total)}`}${filtered() && enrolled ? ` matching (${fmtCount(enrolled)} enrolled)` : ''} · page ${fmtCount(deviceUi.page + 1)} of ${fmtCount(pages)}</span>
       <button type="button" class="btn small" data-page="next"${deviceUi.page >= pages - 1 ? raw(' disabled') : ''}>Next ›</button></div>`;
-    setHTML(el, rows.length ? h`<div class="table-wrap"><table class="list devices">
-      <thead><tr><th>Device</th><th>Status</th><th>Labels</th><th>Models (active)</th><th>Last seen</th><th>CPU</th><th>Memory</th><th>Agent</th></tr></thead>
+    setHTML(el, shown.length ? h`${pager}<div class="table-wrap"><table class="list devices">
+      <thead><tr><th>Device</th><th>Status</th><th>Labels</th><th>Active</th><th>Target (assigned)</th><th>Last seen</th><th>CPU</th><th>Memory</th><th>Agent</th></tr></thead>
       <tbody>${shown.map((d) => {
         const p = presenceOf(d);
         const hl = d.health || {};
+        const assignments = d.assignments || [];
         return h`<tr data-device="${d.id}">
           <td><a href="${link(['devices', d.id])}">${d.id}</a></td>
           <td>${presenceBadge(p)}</td>
           <td>${labelChips(d.labels)}</td>
-          <td>${modelStates(d).map((ms) => h`<div>${ms.name}: <strong>${ms.active ? ms.active.version : '—'}</strong>${ms.phase && ms.phase.phase !== 'idle' && ms.phase.phase !== 'active' ? h` ${phaseCell(ms.phase)}` : ''}</div>`)}</td>
+          <td>${modelStates(d).length ? modelStates(d).map((ms) => h`<div>${ms.name}: <strong>${ms.active ? ms.active.version : '—'}</strong>${ms.phase && ms.phase.phase !== 'idle' && ms.phase.phase !== 'active' ? h` ${phaseCell(ms.phase)}` : ''}</div>`) : h`<span class="muted">${d.state ? 'none' : '—'}</span>`}</td>
+          <td>${assignments.length ? assignments.map((a) => h`<div class="nw">${a.model}@<strong>${a.version}</strong> ${d.revoked_at_ms ? '' : standingBadge(standing(d, a.model, a.version))}</div>`) : h`<span class="muted">none</span>`}</td>
           <td title="${fmtTime(lastSeen(d))}">${ago(lastSeen(d))}</td>
           <td>${hl.cpu_percent !== undefined ? `${fmtNum(hl.cpu_percent, 0)} %` : '—'}</td>
           <td>${hl.mem_total_bytes ? `${fmtNum((100 * hl.mem_used_bytes) / hl.mem_total_bytes, 0)} %` : '—'}</td>
@@ -751,10 +859,10 @@
       const d = res.device;
       const acked = d.acked_up_to || 0;
       const [telemetry, health, events, evictions] = await Promise.all([
-        recentItems(id, 'telemetry', acked, RECENT_ITEMS),
-        recentItems(id, 'health', acked, RECENT_ITEMS),
-        recentItems(id, 'event', acked, Infinity, 200), // events are few and never evicted
-        recentItems(id, 'evictions', acked, Infinity, 50),
+        newestItems(id, 'telemetry', MAX_POINTS),
+        newestItems(id, 'health', MAX_POINTS),
+        newestItems(id, 'event', RECENT_EVENTS),
+        newestItems(id, 'evictions', RECENT_EVICTIONS),
       ]);
       if (!alive(g)) return;
       const hl = d.health;
@@ -776,16 +884,17 @@
         ${st && st.refused ? errorBox(`Refused directive${st.refused.seq !== undefined && st.refused.seq !== null ? ` #${st.refused.seq}` : ''} (${st.refused.code}): ${st.refused.reason} — ${fmtTime(st.refused.at_ms)}`) : ''}
         ${st ? h`<p class="muted small">Reported ${fmtTime(d.state_at_ms)} (${ago(d.state_at_ms)}), directive #${st.directive_seq ?? '—'} accepted (server has sent #${d.directive_seq}).</p>` : ''}
         ${modelStates(d).length ? h`<div class="table-wrap"><table class="list">
-          <thead><tr><th>Model</th><th>Active</th><th>Target</th><th>Previous</th><th>Install phase</th><th>Compliance</th><th>On disk</th></tr></thead>
+          <thead><tr><th>Model</th><th>Active</th><th>Target (device)</th><th>Assigned (server)</th><th>Previous</th><th>Install phase</th><th>Compliance</th><th>On disk</th></tr></thead>
           <tbody>${modelStates(d).map((ms) => {
-            const c = compliance(ms);
+            const a = assignments.find((x) => x.model === ms.name);
+            const c = a ? standing(d, a.model, a.version) : compliance(ms);
             const ref = (r) => (r ? h`${r.version} <span class="muted small">r${r.release}</span>` : h`<span class="muted">—</span>`);
-            return h`<tr><td>${ms.name}</td><td><strong>${ref(ms.active)}</strong></td><td>${ref(ms.target)}</td><td>${ref(ms.previous)}</td>
-              <td>${phaseCell(ms.phase)}</td><td>${c ? h`<span class="badge inst-${c}">${c.replace('_', ' ')}</span>` : '—'}</td>
+            return h`<tr><td>${ms.name}</td><td><strong>${ref(ms.active)}</strong></td><td>${ref(ms.target)}</td><td>${a ? a.version : h`<span class="muted">—</span>`}</td><td>${ref(ms.previous)}</td>
+              <td>${phaseCell(ms.phase)}</td><td>${c ? standingBadge(c) : '—'}${c && !a ? h` <span class="muted small" title="no server-side assignment: against the target the device reports">(reported target)</span>` : ''}</td>
               <td>${(ms.installed || []).map((r) => r.version).join(', ') || '—'}</td></tr>`;
           })}</tbody></table></div>` : h`<p class="muted">${st ? 'The device reports no model.' : 'The device has not reported its state yet.'}</p>`}
         <h3>Assignments (server side)</h3>
-        ${assignments.length ? h`<ul>${assignments.map((a) => h`<li>${a.model}@${a.version} <span class="muted">since ${fmtTime(a.assigned_at_ms)}</span></li>`)}</ul>` : h`<p class="muted">No model assigned.</p>`}`);
+        ${assignments.length ? h`<ul>${assignments.map((a) => h`<li>${a.model}@${a.version} ${d.revoked_at_ms ? '' : standingBadge(standing(d, a.model, a.version))} <span class="muted">since ${fmtTime(a.assigned_at_ms)}</span></li>`)}</ul>` : h`<p class="muted">No model assigned.</p>`}`);
 
       // Charts: CPU and memory come from health items, inference rate and p95 from telemetry.
       const cpu = health.map((i) => [i.at_ms, i.body.cpu_percent]).filter((p) => typeof p[1] === 'number');
@@ -820,7 +929,7 @@
         ${lineChart({ title: 'p95 latency', unit: 'ms', series: seriesOf(p95), empty: 'latency not reported (no telemetry with inferences)' })}
         ${anyErrors ? lineChart({ title: 'Failed inferences', unit: 'errors/s', series: seriesOf(errs) }) : h`<div class="chart-empty"><strong>Failed inferences</strong><span>${telemetry.length ? 'none in these reports' : 'not reported (no telemetry)'}</span></div>`}
         ${lineChart({ title: 'Temperature', unit: '°C', series: seriesOf(temps), zero: false, empty: health.length ? 'not reported: this device has no temperature sensors' : 'not reported (no health items)' })}
-        <p class="muted small full">The last ${plural(telemetry.length, 'telemetry report')} and ${plural(health.length, 'health report')} (recent items only). GPU and network-rate series are not part of the agent's reports.</p>`);
+        <p class="muted small full">The newest ${plural(telemetry.length, 'telemetry report')} and ${plural(health.length, 'health report')} (at most ${MAX_POINTS} of each)${telemetry.length ? `, since ${fmtTime(Math.min(telemetry[0].at_ms, health.length ? health[0].at_ms : Infinity))}` : ''}. GPU and network-rate series are not part of the agent's reports.</p>`);
 
       const recent = events.slice().reverse().slice(0, 50);
       setHTML($('#dv-events'), h`${recent.length ? h`<div class="table-wrap"><table class="list">
@@ -846,8 +955,19 @@
       root.innerHTML = String(h`<h1>Models</h1><section id="md-list"><p class="loading">Loading…</p></section>`);
     },
     async refresh(_p, g) {
-      const [res, devs] = await Promise.all([api('/models'), api('/devices')]);
+      const [res, fleet] = await Promise.all([api('/models'), api('/fleet')]);
       const models = res.models || [];
+      // Where each version runs: counts from /fleet, a few names per version from a filtered,
+      // limited device list (one small request per running version).
+      const running = new Map(); // name@version → {n, ids}
+      (fleet.models || []).forEach((m) => Object.entries(m.running || {}).forEach(([v, n]) => running.set(`${m.model}@${v}`, { n, ids: [] })));
+      await Promise.all([...running.entries()].map(async ([k, r]) => {
+        const [model, version] = k.split('@');
+        const list = await api(`/devices?model=${encodeURIComponent(model)}&version=${encodeURIComponent(version)}&limit=${MODEL_NAMES}`);
+        r.ids = (list.devices || []).map((d) => d.id);
+      }));
+      const assigned = new Map();
+      (fleet.models || []).forEach((m) => Object.entries(m.assigned || {}).forEach(([v, n]) => assigned.set(`${m.model}@${v}`, n)));
       // Manifests never change for a name@version: fetch each once.
       const missing = models.filter((m) => !modelDetail.has(`${m.name}@${m.version}`));
       for (let i = 0; i < missing.length; i += 6) {
@@ -857,28 +977,24 @@
       }
       if (!alive(g)) return;
       if (!models.length) { setHTML($('#md-list'), emptyState('No model in the registry yet — push one with fleetctl model push')); return; }
-      const running = new Map(); // name@version → device ids with it active
-      (devs.devices || []).forEach((d) => modelStates(d).forEach((ms) => {
-        if (!ms.active) return;
-        const k = `${ms.name}@${ms.active.version}`;
-        running.set(k, (running.get(k) || []).concat(d.id));
-      }));
       const names = [...new Set(models.map((m) => m.name))].sort();
       setHTML($('#md-list'), names.map((name) => {
         const versions = models.filter((m) => m.name === name).sort((a, b) => b.release - a.release);
         return h`<div class="card"><h2>${name}</h2><div class="table-wrap"><table class="list">
-          <thead><tr><th>Version</th><th>Release</th><th>Size</th><th>SHA-256</th><th>Profile</th><th>Signed by</th><th>Created</th><th>Pushed</th><th>Runs on</th></tr></thead>
+          <thead><tr><th>Version</th><th>Release</th><th>Size</th><th>SHA-256</th><th>Profile</th><th>Signed by</th><th>Created</th><th>Pushed</th><th>Runs on</th><th>Assigned to</th></tr></thead>
           <tbody>${versions.map((m) => {
             const det = modelDetail.get(`${m.name}@${m.version}`);
             const man = det && det.manifest;
-            const on = running.get(`${m.name}@${m.version}`) || [];
+            const on = running.get(`${m.name}@${m.version}`) || { n: 0, ids: [] };
+            const to = assigned.get(`${m.name}@${m.version}`) || 0;
             return h`<tr data-model="${m.name}@${m.version}"><td><strong>${m.version}</strong></td><td>${m.release}</td><td class="nw">${fmtBytes(m.size)}</td>
               <td>${shortHash(m.sha256)}</td>
               <td>${m.profile_sha256 ? h`${shortHash(m.profile_sha256, 8)} <a href="${link(['drift', m.name, m.version])}">drift</a>` : h`<span class="muted">none (no drift)</span>`}</td>
               <td>${det ? h`<code>${det.signed_by}</code>` : '—'}</td>
               <td class="nw">${man ? fmtTime(man.created_at_ms) : '—'}</td><td class="nw">${fmtTime(m.pushed_at_ms)}</td>
-              <td>${on.length ? h`${plural(on.length, 'device')}: ${on.slice(0, 10).map((id, i) => h`${i ? ', ' : ''}<a href="${link(['devices', id])}">${id}</a>`)}${on.length > 10 ? ` +${on.length - 10} more` : ''}` : h`<span class="muted">nowhere</span>`}</td></tr>
-              ${man ? h`<tr class="sub"><td></td><td colspan="8" class="muted small">inputs ${man.inputs.map((t) => `${t.name} ${t.datatype}[${t.shape.join('×')}]`).join(', ')} → outputs ${man.outputs.map((t) => `${t.name} ${t.datatype}[${t.shape.join('×')}]`).join(', ')}${man.min_agent_version ? ` · needs agent ≥ ${man.min_agent_version}` : ''}</td></tr>` : ''}`;
+              <td>${on.n ? h`<a href="${devicesLink({ version: `${m.name}@${m.version}` })}">${plural(on.n, 'device')}</a>: ${on.ids.map((id, i) => h`${i ? ', ' : ''}<a href="${link(['devices', id])}">${id}</a>`)}${on.n > on.ids.length ? h` <a href="${devicesLink({ version: `${m.name}@${m.version}` })}">+${fmtCount(on.n - on.ids.length)} more</a>` : ''}` : h`<span class="muted">nowhere</span>`}</td>
+              <td>${to ? plural(to, 'device') : h`<span class="muted">none</span>`}</td></tr>
+              ${man ? h`<tr class="sub"><td></td><td colspan="9" class="muted small">inputs ${man.inputs.map((t) => `${t.name} ${t.datatype}[${t.shape.join('×')}]`).join(', ')} → outputs ${man.outputs.map((t) => `${t.name} ${t.datatype}[${t.shape.join('×')}]`).join(', ')}${man.min_agent_version ? ` · needs agent ≥ ${man.min_agent_version}` : ''}</td></tr>` : ''}`;
           })}</tbody></table></div></div>`;
       }));
     },
@@ -1185,13 +1301,169 @@
     ].join(', ');
   }
 
+  // ---- drift statistics (mirroring protocol/src/drift.rs and rollout_runner.rs) ---------
+
+  const PSI_PSEUDO_COUNT = 0.5;
+
+  /** PSI of window counts against reference proportions: Σ (a - e)·ln(a / e), a smoothed. */
+  function psiOf(counts, reference) {
+    const n = counts.reduce((a, c) => a + c, 0);
+    if (!n) return 0;
+    const den = n + PSI_PSEUDO_COUNT * counts.length;
+    let sum = 0;
+    for (let i = 0; i < Math.min(counts.length, reference.length); i += 1) {
+      const a = (counts[i] + PSI_PSEUDO_COUNT) / den;
+      sum += (a - reference[i]) * Math.log(a / reference[i]);
+    }
+    return sum;
+  }
+
+  /** The thresholds of the longest calibrated window length not above `samples` (thresholds_for). */
+  function thresholdsFor(profile, samples) {
+    let best = null;
+    (profile.thresholds || []).forEach((t) => { if (t.window <= samples && (!best || t.window > best.window)) best = t; });
+    return best;
+  }
+
+  const ratio = (psi, threshold) => (threshold > 0 ? psi / threshold : 0);
+
+  /** A feature's score: PSI over its threshold for `samples`; null when too short to judge. */
+  function featureScore(profile, samples, index, psi) {
+    const t = profile && thresholdsFor(profile, samples);
+    return t && index < t.psi.length ? ratio(psi, t.psi[index]) : null;
+  }
+
+  /**
+   * A drift window's score as the rollout gate computes it (rollout_runner.rs drift_score): the
+   * largest psi / threshold over the features and the prediction (class and max-probability
+   * histograms, or output values), recomputed from the counts; null when it cannot be judged.
+   */
+  function windowScore(profile, w) {
+    if (!profile || !w || (w.features || []).length !== profile.features.length) return null;
+    const t = thresholdsFor(profile, w.samples);
+    if (!t) return null;
+    let max = 0;
+    for (let f = 0; f < profile.features.length; f += 1) {
+      const fw = w.features[f];
+      const fp = profile.features[f];
+      if (fw.index !== f || fw.counts.length !== fp.proportions.length) return null;
+      max = Math.max(max, ratio(psiOf(fw.counts, fp.proportions), t.psi[f]));
+    }
+    const p = profile.prediction;
+    const pw = w.prediction;
+    if (!p !== !pw) return null;
+    if (p && p.kind === 'classifier') {
+      if (pw.class_counts.length !== p.class_proportions.length || pw.max_prob_counts.length !== p.max_prob_proportions.length) return null;
+      max = Math.max(max, ratio(psiOf(pw.class_counts, p.class_proportions), t.prediction_psi), ratio(psiOf(pw.max_prob_counts, p.max_prob_proportions), t.max_prob_psi));
+    } else if (p && p.kind === 'regressor') {
+      if ((pw.value_counts || []).length !== p.proportions.length) return null;
+      max = Math.max(max, ratio(psiOf(pw.value_counts, p.proportions), t.prediction_psi));
+    }
+    return max;
+  }
+
+  /** Effect size in reference σ (drift.rs effect): the 2-Wasserstein distance of two Gaussians. */
+  function effectOf(n, sum, sumSq, refMean, refStd) {
+    if (!n) return null;
+    const mean = sum / n;
+    const sd = Math.sqrt(Math.max(sumSq / n - mean * mean, 0));
+    const scale = refStd > 0 ? refStd : 1;
+    return { mean, sd, effect: Math.hypot((mean - refMean) / scale, (sd - refStd) / scale) };
+  }
+
+  function featureName(profile, i) {
+    const f = profile && profile.features[i];
+    if (!f) return `feature ${i}`;
+    if (f.name) return f.name;
+    const src = f.source || {};
+    if (src.kind === 'element') return `input ${src.input} [${src.element}]`;
+    if (src.kind === 'channel_mean') return `input ${src.input} channel ${src.channel} mean`;
+    if (src.kind === 'channel_std') return `input ${src.input} channel ${src.channel} sd`;
+    return `feature ${i}`;
+  }
+
+  const fmtEdge = (v) => String(parseFloat(Number(v).toPrecision(4)));
+
+  /** Labels of a profile's bins (protocol/src/profile.rs): out of range below, deciles, above. */
+  function binLabels(edges) {
+    const m = edges.length;
+    const inner = Math.max(m - 1, 1);
+    const out = [{ short: `<${fmtEdge(edges[0])}`, long: `below the training minimum (< ${edges[0]})` }];
+    if (m === 1) out.push({ short: fmtEdge(edges[0]), long: `= ${edges[0]}` });
+    for (let i = 1; m > 1 && i <= inner; i += 1) {
+      out.push({ short: `${fmtEdge(edges[i - 1])}–${fmtEdge(edges[i])}`, long: `[${edges[i - 1]}, ${edges[i]}${i === inner ? ']' : ')'}` });
+    }
+    out.push({ short: `>${fmtEdge(edges[m - 1])}`, long: `above the training maximum (> ${edges[m - 1]})` });
+    return out;
+  }
+
+  /** Grouped bars over the same bins: series [{name, cls, values}] (values in %). */
+  function histChart({ title, bins, series, note }) {
+    const W = CHART_W; const H = 220; const L = 44; const R = 10; const T = 28; const B = 56;
+    const max = Math.max(0, ...series.flatMap((s) => s.values)) || 1;
+    const gw = (W - L - R) / bins.length;
+    const bw = Math.max((gw - 4) / series.length, 1);
+    const rects = bins.map((b, i) => series.map((s, j) => {
+      const v = s.values[i] || 0;
+      const hgt = (v / max) * (H - T - B);
+      return h`<rect class="${s.cls}" x="${(L + i * gw + 2 + j * bw).toFixed(1)}" y="${(H - B - hgt).toFixed(1)}" width="${Math.max(bw - 1, 1).toFixed(1)}" height="${hgt.toFixed(1)}"><title>${s.name} · ${b.long}: ${fmtNum(v, 2)} %</title></rect>`;
+    }));
+    const ticks = bins.map((b, i) => {
+      const x = L + (i + 0.5) * gw;
+      return h`<text class="tick small-tick" x="${x.toFixed(1)}" y="${H - B + 12}" text-anchor="end" transform="rotate(-35 ${x.toFixed(1)} ${H - B + 12})">${b.short}</text>`;
+    });
+    return h`<figure class="chart-box">
+      <svg class="chart" viewBox="0 0 ${W} ${H}" role="img" aria-label="${title}">
+        <text class="title" x="${L}" y="15">${title} (%)</text>
+        <line class="axis" x1="${L}" y1="${T}" x2="${L}" y2="${H - B}"></line>
+        <line class="axis" x1="${L}" y1="${H - B}" x2="${W - R}" y2="${H - B}"></line>
+        <text class="tick" x="${L - 4}" y="${T + 4}" text-anchor="end">${fmtNum(max, 1)}</text>
+        <text class="tick" x="${L - 4}" y="${H - B}" text-anchor="end">0</text>
+        ${rects}${ticks}
+      </svg>
+      <div class="legend">${series.map((s) => h`<span class="key"><i class="sw ${s.cls}"></i>${s.name}</span>`)}</div>
+      ${note ? h`<figcaption class="muted small">${note}</figcaption>` : ''}</figure>`;
+  }
+
   // ---- page: drift ----------------------------------------------------------------------
 
   const driftUi = { model: '', version: '', label: '', window: '', feature: '' };
+  const profileCache = new Map(); // `${name}@${version}` → ReferenceProfile, or null (none shipped)
+  let labelSample = { at: 0, keys: [] };
+  const movedOn = new Set(); // `${device}/${model}/${release}/${window}`: no such window in its newest drift items
+
+  /** A version's reference profile, fetched once (it never changes); null when it has none. */
+  async function profileOf(name, version, record) {
+    const key = `${name}@${version}`;
+    if (profileCache.has(key)) return profileCache.get(key);
+    let profile = null;
+    if (record && record.profile_sha256) {
+      try {
+        profile = (await api(`/models/${encodeURIComponent(name)}/${encodeURIComponent(version)}/profile`)).profile || null;
+      } catch (e) {
+        if (e.status !== 404) throw e;
+      }
+    }
+    profileCache.set(key, profile);
+    return profile;
+  }
+
+  /** Label keys from a small sample of the fleet (for the cohort select), refreshed each minute. */
+  async function labelKeys() {
+    if (Date.now() - labelSample.at > 60000) {
+      const res = await api(`/devices?limit=${LABEL_SAMPLE}`);
+      labelSample = { at: Date.now(), keys: [...new Set((res.devices || []).flatMap((d) => Object.keys(d.labels || {})))].sort() };
+    }
+    return labelSample.keys;
+  }
+
+  const scoreLevel = (s) => (s < 0.25 ? 0 : s < 0.5 ? 1 : s < 0.75 ? 2 : s < 1 ? 3 : 4);
+  const psiLevel = (p) => (p < 0.02 ? 0 : p < 0.05 ? 1 : p < 0.1 ? 2 : p < 0.25 ? 3 : 4);
 
   const driftPage = {
     mount(root, params) {
       if (params.model) { driftUi.model = params.model; driftUi.version = params.version || ''; driftUi.feature = ''; }
+      movedOn.clear();
       root.innerHTML = String(h`<h1>Drift</h1>
         <form class="filters card" id="drift-filters" autocomplete="off">
           <label>Model <select id="dr-model"></select></label>
@@ -1214,13 +1486,15 @@
       on('#dr-window', 'window');
       on('#dr-feature', 'feature');
       $('#drift-filters').addEventListener('submit', (e) => e.preventDefault());
-      $('#dr-heat').addEventListener('click', (e) => {
-        const td = e.target.closest('td[data-feature]');
-        if (td) { driftUi.feature = td.dataset.feature; tick(); }
-      });
+      const pick = (e) => {
+        const el = e.target.closest('[data-feature]');
+        if (el) { e.preventDefault(); driftUi.feature = el.dataset.feature; tick(); }
+      };
+      $('#dr-heat').addEventListener('click', pick);
+      $('#dr-summary').addEventListener('click', pick);
     },
     async refresh(_p, g) {
-      const [models, devs] = await Promise.all([api('/models'), api('/devices')]);
+      const [models, fleet, keys] = await Promise.all([api('/models'), api('/fleet'), labelKeys()]);
       if (!alive(g)) return;
       const list = models.models || [];
       if (!list.length) {
@@ -1234,17 +1508,21 @@
       const versions = list.filter((m) => m.name === driftUi.model).sort((a, b) => b.release - a.release);
       if (!versions.some((m) => m.version === driftUi.version)) {
         // Default to the newest version some device runs, else the newest.
-        const running = new Set();
-        (devs.devices || []).forEach((d) => modelStates(d).forEach((ms) => { if (ms.name === driftUi.model && ms.active) running.add(ms.active.version); }));
+        const entry = (fleet.models || []).find((m) => m.model === driftUi.model);
+        const running = new Set(Object.keys((entry && entry.running) || {}));
         driftUi.version = (versions.find((m) => running.has(m.version)) || versions[0]).version;
       }
-      fillSelect($('#dr-version'), versions.map((m) => [m.version, `${m.version} (release ${m.release})`]), driftUi.version);
-      const labelKeys = [...new Set((devs.devices || []).flatMap((d) => Object.keys(d.labels || {})))].sort();
-      fillSelect($('#dr-label'), [['', 'none'], ...labelKeys.map((k) => [k, k])], driftUi.label);
+      fillSelect($('#dr-version'), versions.map((m) => [m.version, `${m.version} (release ${m.release})${m.profile_sha256 ? '' : ' · no profile'}`]), driftUi.version);
+      const labelOpts = [...keys];
+      if (driftUi.label && !labelOpts.includes(driftUi.label)) labelOpts.push(driftUi.label);
+      fillSelect($('#dr-label'), [['', 'none'], ...labelOpts.map((k) => [k, k])], driftUi.label);
       const record = versions.find((m) => m.version === driftUi.version);
 
       const q = driftUi.label ? `?label=${encodeURIComponent(driftUi.label)}` : '';
-      const drift = await api(`/models/${encodeURIComponent(driftUi.model)}/${encodeURIComponent(driftUi.version)}/drift${q}`);
+      const [drift, profile] = await Promise.all([
+        api(`/models/${encodeURIComponent(driftUi.model)}/${encodeURIComponent(driftUi.version)}/drift${q}`),
+        profileOf(driftUi.model, driftUi.version, record),
+      ]);
       if (!alive(g)) return;
       const windows = [...new Set((drift.devices || []).map((d) => d.window_len))].sort((a, b) => a - b);
       if (!windows.map(String).includes(String(driftUi.window))) driftUi.window = windows.length ? String(windows[0]) : '';
@@ -1262,67 +1540,139 @@
         fillSelect($('#dr-feature'), [['', '—']], '');
         return;
       }
-      const nFeatures = Math.max(...rows.map((d) => d.features.length));
+      const nFeatures = profile ? profile.features.length : Math.max(...rows.map((d) => d.features.length));
+      const name = (i) => featureName(profile, i);
+      // Per-feature score of a merged row: its PSI over the threshold for its sample count,
+      // as the server's re-scoring (drift.rs score) judges the merged window.
+      const scoreOf = (d, f) => featureScore(profile, d.samples, f.index, f.psi);
       if (driftUi.feature === '' || Number(driftUi.feature) >= nFeatures) {
-        // Default to the feature with the highest PSI anywhere: the one worth looking at.
-        let best = 0; let bestPsi = -1;
-        rows.forEach((d) => d.features.forEach((f) => { if (f.psi > bestPsi) { bestPsi = f.psi; best = f.index; } }));
+        // Default to the feature with the highest score (or PSI) anywhere: the one worth looking at.
+        let best = 0; let bestV = -1;
+        rows.forEach((d) => d.features.forEach((f) => { const v = scoreOf(d, f) ?? f.psi; if (v > bestV) { bestV = v; best = f.index; } }));
         driftUi.feature = String(best);
       }
-      fillSelect($('#dr-feature'), Array.from({ length: nFeatures }, (_, i) => [String(i), `feature ${i}`]), driftUi.feature);
+      fillSelect($('#dr-feature'), Array.from({ length: nFeatures }, (_, i) => [String(i), profile ? `${i}: ${name(i)}` : `feature ${i}`]), driftUi.feature);
 
+      const predScore = (d) => {
+        const t = profile && thresholdsFor(profile, d.samples);
+        return t && d.prediction_psi !== null && d.prediction_psi !== undefined ? ratio(d.prediction_psi, t.prediction_psi) : null;
+      };
+      const topFeatures = (d) => {
+        if (!profile) return h`<span class="muted small">—</span>`;
+        const top = d.features.map((f) => [f.index, scoreOf(d, f)]).filter((x) => x[1] !== null).sort((a, b) => b[1] - a[1]).slice(0, 3);
+        return top.map(([i, sc], k) => h`${k ? ', ' : ''}<a href="#" data-feature="${i}" class="${sc > 1 ? 'bad' : ''}" title="feature ${i}: choose it below">${name(i)}</a> <span class="muted small">${fmtNum(sc)}</span>`);
+      };
       const summaryTable = (list, first, firstCell) => h`<div class="table-wrap"><table class="list">
-        <thead><tr><th>${first}</th><th>Verdict</th><th>Max score</th><th>Drifted features</th><th>Prediction PSI</th><th>Windows (flagged)</th><th>Samples</th><th>Last window</th></tr></thead>
-        <tbody>${list.map((d) => h`<tr class="${d.drifted ? 'row-bad' : ''}"><td>${firstCell(d)}</td>
+        <thead><tr><th>${first}</th><th>Verdict</th><th>Max score</th><th>Highest-scoring features</th><th>Drifted features</th><th title="PSI of the predicted-class (or output-value) histogram, and its score">Prediction PSI (score)</th><th>Windows (flagged)</th><th>Samples</th><th>Last window</th></tr></thead>
+        <tbody>${list.map((d) => {
+          const ps = predScore(d);
+          return h`<tr class="${d.drifted ? 'row-bad' : ''}"><td>${firstCell(d)}</td>
           <td>${d.drifted ? h`<span class="badge bad">drifted</span>` : h`<span class="badge ok">ok</span>`}${d.rescored ? '' : h` <span class="muted small" title="no profile: scores are the devices' own">not re-scored</span>`}</td>
-          <td>${fmtNum(d.max_score)}</td><td>${d.features.filter((f) => f.drifted).length} of ${d.features.length} (${fmtNum(100 * d.drifted_share, 0)} %)</td>
-          <td>${fmtNum(d.prediction_psi, 3)}</td><td>${d.windows} (${d.flagged_windows})</td><td>${fmtNum(d.samples)}</td><td title="${fmtTime(d.last_ms)}">${ago(d.last_ms)}</td></tr>`)}</tbody></table></div>`;
+          <td>${fmtNum(d.max_score)}</td><td>${topFeatures(d)}</td><td>${d.features.filter((f) => f.drifted).length} of ${d.features.length} (${fmtNum(100 * d.drifted_share, 0)} %)</td>
+          <td>${fmtNum(d.prediction_psi, 3)}${ps !== null ? h` <span class="muted small">(${fmtNum(ps)})</span>` : ''}</td><td>${fmtCount(d.windows)} (${fmtCount(d.flagged_windows)})</td><td>${fmtNum(d.samples)}</td><td title="${fmtTime(d.last_ms)}">${ago(d.last_ms)}</td></tr>`;
+        })}</tbody></table></div>`;
+      const used = profile ? [...new Set(rows.map((d) => (thresholdsFor(profile, d.samples) || {}).window).filter(Boolean))].sort((a, b) => a - b) : [];
+      const usedText = !used.length ? '' : used.length === 1 ? ` (here the ${fmtCount(used[0])}-sample thresholds)` : ` (here the ${fmtCount(used[0])}- to ${fmtCount(used[used.length - 1])}-sample thresholds)`;
       setHTML($('#dr-summary'), h`<div class="card"><h2>Per device</h2>
-          <p class="muted small">Each device's ${driftUi.window}-sample windows of ${driftUi.model}@${driftUi.version} (release ${drift.release}) merged and re-scored against the reference profile. Score = PSI over its calibrated threshold: above 1 is past it.</p>
+          <p class="muted small">Each device's ${driftUi.window}-sample windows of ${driftUi.model}@${driftUi.version} (release ${drift.release}) merged and re-scored against the reference profile as one long window. Score = PSI over the threshold calibrated for that many samples${usedText}: above 1 is past it. A feature counts as drifted only if its effect size also passes the profile's floor.</p>
           ${summaryTable(rows, 'Device', (d) => h`<a href="${link(['devices', d.device])}">${d.device}</a>`)}
           ${allRows.length > rows.length ? h`<p class="muted small">The ${rows.length} devices with the highest scores, of ${allRows.length}.</p>` : ''}</div>
         ${driftUi.label ? h`<div class="card"><h2>Per cohort (${driftUi.label})</h2>${cohorts.length ? summaryTable(cohorts, driftUi.label, (c) => h`<strong>${c.value}</strong> <span class="muted small">${c.devices.length > 4 ? `${c.devices.length} devices` : c.devices.join(', ')}</span>`) : h`<p class="muted">No device with drift data has the label ${driftUi.label}.</p>`}</div>` : ''}`);
 
-      // Heat map: rows are devices (and cohorts), columns features; colour by PSI, ● when drifted.
-      const heatRow = (name, d) => h`<tr><th>${name}</th>${Array.from({ length: nFeatures }, (_, i) => {
+      // Heat map: rows are devices (and cohorts), columns features; colour by score (PSI over its
+      // threshold; PSI itself without a profile), ● when drifted.
+      const heatRow = (label, d) => h`<tr><th>${label}</th>${Array.from({ length: nFeatures }, (_, i) => {
         const f = d.features.find((x) => x.index === i);
         if (!f) return h`<td class="hm na"></td>`;
-        const lvl = f.psi < 0.02 ? 0 : f.psi < 0.05 ? 1 : f.psi < 0.1 ? 2 : f.psi < 0.25 ? 3 : 4;
-        return h`<td class="hm l${lvl}${String(i) === driftUi.feature ? ' sel' : ''}" data-feature="${i}" title="${name} · feature ${i}: PSI ${fmtNum(f.psi, 4)}, effect ${fmtNum(f.effect, 2)} sd${f.cusum_alarms ? `, ${f.cusum_alarms} CUSUM alarms` : ''}${f.drifted ? ' — drifted' : ''}">${f.drifted ? '●' : ''}</td>`;
+        const sc = scoreOf(d, f);
+        const lvl = sc !== null ? scoreLevel(sc) : psiLevel(f.psi);
+        return h`<td class="hm l${lvl}${String(i) === driftUi.feature ? ' sel' : ''}" data-feature="${i}" title="${label} · ${name(i)} (feature ${i}): ${sc !== null ? `score ${fmtNum(sc, 2)}, ` : ''}PSI ${fmtNum(f.psi, 4)}, effect ${fmtNum(f.effect, 2)} sd${f.cusum_alarms ? `, ${f.cusum_alarms} CUSUM alarms` : ''}${f.drifted ? ' — drifted' : ''}">${f.drifted ? '●' : ''}</td>`;
       })}</tr>`;
-      setHTML($('#dr-heat'), h`<div class="table-wrap"><table class="heat"><thead><tr><th></th>${Array.from({ length: nFeatures }, (_, i) => h`<th>${i}</th>`)}</tr></thead>
+      const legend = profile
+        ? h`Score (PSI / threshold): <span class="hm l0">&lt;0.25</span> <span class="hm l1">&lt;0.5</span> <span class="hm l2">&lt;0.75</span> <span class="hm l3">&lt;1</span> <span class="hm l4">≥1</span>`
+        : h`PSI (no reference profile, so no thresholds): <span class="hm l0">&lt;0.02</span> <span class="hm l1">&lt;0.05</span> <span class="hm l2">&lt;0.1</span> <span class="hm l3">&lt;0.25</span> <span class="hm l4">≥0.25</span>`;
+      setHTML($('#dr-heat'), h`<div class="table-wrap"><table class="heat"><thead><tr><th></th>${Array.from({ length: nFeatures }, (_, i) => h`<th title="${name(i)}">${i}</th>`)}</tr></thead>
         <tbody>${rows.map((d) => heatRow(d.device, d))}${cohorts.map((c) => heatRow(`${driftUi.label}=${c.value}`, c))}</tbody></table></div>
-        <p class="muted small">PSI: <span class="hm l0">&lt;0.02</span> <span class="hm l1">&lt;0.05</span> <span class="hm l2">&lt;0.1</span> <span class="hm l3">&lt;0.25</span> <span class="hm l4">≥0.25</span> · ● the feature drifted (past its calibrated threshold, or CUSUM alarm). Click a cell to choose its feature. Feature names are in the reference profile, which the API does not expose.</p>`);
+        <p class="muted small">${legend} · ● the feature drifted (past its threshold with an effect above the floor, or a CUSUM alarm). Hover a cell for the feature's name and figures; click it to choose the feature.</p>`);
 
-      // Over time and the current histogram: from the devices' own drift items (see note 2).
+      // The chosen feature: over time and the current histogram from the followed devices'
+      // newest drift items (GET …/drift returns no counts), against the reference histogram.
       const feature = Number(driftUi.feature);
-      const followed = allRows.slice().sort((a, b) => b.max_score - a.max_score).slice(0, DRIFT_DEVICES);
-      const acked = new Map((devs.devices || []).map((d) => [d.id, d.acked_up_to || 0]));
-      const perDevice = await Promise.all(followed.map((d) => recentItems(d.device, 'drift', acked.get(d.device), RECENT_DRIFT_ITEMS, 300)
-        .then((items) => [d.device, items.filter((i) => i.body.model === driftUi.model && i.body.release === drift.release && String(i.body.window) === driftUi.window)])));
+      const fp = profile ? profile.features[feature] : null;
+      // Follow the highest-scoring devices, skipping those whose newest drift items all came
+      // after their last window of this version and length (they moved on: nothing to show).
+      const sel = `${driftUi.model}/${drift.release}/${driftUi.window}`;
+      const followed = allRows.filter((d) => !movedOn.has(`${d.device}/${sel}`))
+        .sort((a, b) => b.max_score - a.max_score).slice(0, DRIFT_DEVICES);
+      const perDevice = await Promise.all(followed.map((d) => newestItems(d.device, 'drift', DRIFT_ITEMS, DRIFT_ITEMS_EVERY_MS)
+        .then((items) => {
+          const mine = items.filter((i) => i.body.model === driftUi.model && i.body.release === drift.release && String(i.body.window) === driftUi.window);
+          if (!mine.length && items.length && items[0].body.ended_at_ms > (d.last_ms || 0)) movedOn.add(`${d.device}/${sel}`);
+          return [d.device, mine];
+        })));
       if (!alive(g)) return;
-      const psiSeries = perDevice.map(([dev, items]) => ({ name: dev, points: items.map((i) => { const f = i.body.features.find((x) => x.index === feature); return f ? [i.body.ended_at_ms, f.psi] : null; }).filter(Boolean) }));
-      const scoreSeries = perDevice.map(([dev, items]) => ({ name: dev, points: items.map((i) => [i.body.ended_at_ms, i.body.max_score]) }));
+      const fwOf = (i) => (i.body.features || []).find((x) => x.index === feature);
+      const itemFeatureScore = (i) => {
+        const f = fwOf(i);
+        if (!f) return null;
+        if (!fp) return f.psi;
+        if (f.counts.length !== fp.proportions.length) return null;
+        return featureScore(profile, i.body.samples, feature, psiOf(f.counts, fp.proportions));
+      };
+      const psiSeries = perDevice.map(([dev, items]) => ({ name: dev, points: items.map((i) => { const v = itemFeatureScore(i); return v === null ? null : [i.body.ended_at_ms, v]; }).filter(Boolean) }));
+      const scoreSeries = perDevice.map(([dev, items]) => ({ name: dev, points: items.map((i) => { const v = profile ? windowScore(profile, i.body) : i.body.max_score; return v === null || v === undefined ? null : [i.body.ended_at_ms, v]; }).filter(Boolean) }));
       const counts = [];
-      let nWindows = 0;
+      let nWindows = 0; let samples = 0; let sum = 0; let sumSq = 0;
       perDevice.forEach(([, items]) => items.forEach((i) => {
-        const f = i.body.features.find((x) => x.index === feature);
-        if (!f) return;
+        const f = fwOf(i);
+        if (!f || (fp && f.counts.length !== fp.proportions.length)) return;
         nWindows += 1;
+        samples += i.body.samples;
+        sum += f.sum; sumSq += f.sum_sq;
         f.counts.forEach((c, b) => { counts[b] = (counts[b] || 0) + c; });
       }));
       const total = counts.reduce((a, c) => a + (c || 0), 0);
-      const binLabel = (b, n) => (b === 0 ? 'below min' : b === n - 1 ? 'above max' : `bin ${b}`);
-      const bars = total ? counts.map((c, b) => ({ label: binLabel(b, counts.length), value: (100 * (c || 0)) / total, flag: b === 0 || b === counts.length - 1 })) : [];
       const lastWindow = Math.max(...allRows.map((d) => d.last_ms || 0));
-      const noRecent = `no ${driftUi.window}-sample window of this version among the followed devices' recent items (its last window: ${ago(lastWindow)}; the items API cannot seek by time)`;
+      const noRecent = `no ${driftUi.window}-sample window of this version among the followed devices' newest ${DRIFT_ITEMS} drift items (its last window: ${ago(lastWindow)})`;
+      let histogram;
+      let figures = '';
+      if (fp) {
+        const bins = binLabels(fp.edges);
+        const current = bins.map((_, b) => (total ? (100 * (counts[b] || 0)) / total : 0));
+        histogram = histChart({
+          title: `${name(feature)}: reference and current`,
+          bins,
+          series: [
+            { name: `reference (${fmtCount(profile.rows)} training rows)`, cls: 'h-ref', values: fp.proportions.map((p) => 100 * p) },
+            ...(total ? [{ name: `current (${fmtCount(total)} values)`, cls: 'h-cur', values: current }] : []),
+          ],
+          note: total ? '' : `No current histogram: ${noRecent}.`,
+        });
+        if (total) {
+          const full = counts.length === fp.proportions.length ? counts.map((c) => c || 0) : null;
+          const psi = full ? psiOf(full, fp.proportions) : null;
+          const t = thresholdsFor(profile, samples);
+          const sc = psi !== null && t ? ratio(psi, t.psi[feature]) : null;
+          const m = effectOf(total, sum, sumSq, fp.mean, fp.std);
+          figures = h`<div class="card half"><h3>${name(feature)} <span class="muted small">feature ${feature}</span></h3>
+            <table class="list kv"><tbody>
+              <tr><th>Reference</th><td>mean ${fmtNum(fp.mean)}, sd ${fmtNum(fp.std)}, range ${fmtNum(fp.min)} to ${fmtNum(fp.max)}${fp.missing_rate ? `, ${fmtNum(100 * fp.missing_rate, 1)} % missing` : ''}</td></tr>
+              <tr><th>Current</th><td>${m ? h`mean ${fmtNum(m.mean)}, sd ${fmtNum(m.sd)} · effect ${fmtNum(m.effect)} sd` : '—'} <span class="muted small">(${plural(nWindows, 'window')}, ${fmtCount(samples)} samples, ${plural(perDevice.filter(([, it]) => it.length).length, 'device')})</span></td></tr>
+              <tr><th>PSI</th><td>${psi !== null ? fmtNum(psi, 4) : '—'}${t ? h` · threshold ${fmtNum(t.psi[feature], 4)} for ${fmtCount(t.window)}-sample windows · effect floor ${fmtNum(t.effect_floor)} sd` : ''}</td></tr>
+              <tr><th>Score</th><td>${sc !== null ? h`<strong class="${sc > 1 ? 'bad' : 'ok'}">${fmtNum(sc)}</strong> ${sc > 1 ? 'past the threshold' : 'within the threshold'}` : 'not judged: fewer samples than the shortest calibrated window'}</td></tr>
+            </tbody></table>
+            <p class="muted small">These windows merged, scored as drift.rs scores a merged window: PSI of the counts (half a pseudo-count per bin) against the reference proportions, over the threshold of the longest calibrated window length not above the merged sample count.</p></div>`;
+        }
+      } else {
+        const bars = total ? counts.map((c, b) => ({ label: b === 0 ? 'below min' : b === counts.length - 1 ? 'above max' : `bin ${b}`, value: (100 * (c || 0)) / total, flag: b === 0 || b === counts.length - 1 })) : [];
+        histogram = h`${barChart({ title: `Current histogram of feature ${feature}`, unit: '%', bars, fmt: (v) => fmtNum(v, 1), note: total ? '' : 'no recent window' })}
+          <div class="chart-empty"><strong>Reference histogram</strong><span>${record && record.profile_sha256 ? `The server has no reference profile for ${driftUi.model}@${driftUi.version}.` : `${driftUi.model}@${driftUi.version} ships no reference profile.`}</span></div>`;
+      }
       setHTML($('#dr-feature-view'), h`
-        ${lineChart({ title: `Feature ${feature}: PSI per window`, unit: '', series: psiSeries, empty: noRecent })}
-        ${lineChart({ title: 'Window drift score (all features)', unit: 'max PSI / threshold', series: scoreSeries, empty: noRecent })}
-        <div class="chart-empty half"><strong>Reference histogram of feature ${feature}</strong>
-          <span>Not available: the API does not expose ${driftUi.model}@${driftUi.version}'s reference profile (${record && record.profile_sha256 ? `sha256 ${record.profile_sha256.slice(0, 12)}…` : 'none shipped'}). It needs GET /api/v1/models/{name}/{version}/profile.</span></div>
-        ${barChart({ title: `Current histogram of feature ${feature}`, unit: '%', bars, fmt: (v) => fmtNum(v, 1), note: total ? `${fmtNum(total)} samples in the last ${plural(nWindows, 'window')} of ${plural(followed.length, 'device')}; bins are the reference profile's deciles, the outer two out of the training range.` : 'no recent window' })}
-        <p class="muted small full">Over-time series follow the ${plural(followed.length, 'device')} with the highest drift score${allRows.length > followed.length ? ` (of ${allRows.length})` : ''}, over their recent drift items.</p>`);
+        ${histogram}${figures}
+        ${lineChart({ title: `${name(feature)}: ${profile ? 'score per window' : 'PSI per window'}`, unit: profile ? 'PSI / threshold' : '', series: psiSeries, empty: noRecent })}
+        ${lineChart({ title: 'Window drift score, as the gate computes it', unit: '', series: scoreSeries, empty: noRecent })}
+        <p class="muted small full">Current histogram and series: the ${plural(followed.length, 'device')} with the highest drift score${allRows.length > followed.length ? ` (of ${allRows.length}; devices that have since moved to another version are skipped)` : ''}, over their newest ${DRIFT_ITEMS} drift items each (any version and window length; ${plural(nWindows, 'window')} of this one). Window scores include the prediction's class and confidence histograms, as the gate does.</p>`);
     },
     fail(e) { setHTML($('#dr-summary'), errorBox(errorText(e))); },
   };

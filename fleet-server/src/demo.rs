@@ -524,6 +524,7 @@ pub async fn run(options: DemoOptions) -> Result<DemoReport> {
             "\nthe fleet keeps running: API {api} (token above), files in {}",
             dir.display()
         );
+        println!("console: {api}/ (sign in with the admin token above)");
         println!("try: DRIFTGATE_SERVER={api} DRIFTGATE_TOKEN={token} fleetctl rollout list");
         println!("Ctrl-C stops everything");
         let _ = tokio::signal::ctrl_c().await;

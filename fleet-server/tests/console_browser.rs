@@ -23,7 +23,7 @@ use fleet_server::rollout_runner::Actor;
 use serde_json::{json, Value};
 
 /// The WebDriver key of an element reference.
-const ELEMENT: &str = "element-6066-11e4-a23c-4944f83f0b8b";
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 /// chromedriver, killed when dropped.
 struct Driver {
@@ -144,7 +144,7 @@ impl Browser {
         )?;
         Ok(found[ELEMENT]
             .as_str()
-            .with_context(|| format!("no element {css}"))?
+            .with_context(|| format!("no element {css}: {found}"))?
             .to_string())
     }
 
@@ -233,7 +233,11 @@ fn start_driver() -> Result<Driver> {
 
 /// Signs in with `token` and waits for the header to show `role`.
 fn sign_in(b: &Browser, base: &str, token: &str, role: &str) -> Result<()> {
+    // Whoever was signed in is signed out: the token lives in this tab's session storage.
     b.open(&format!("{base}/"))?;
+    b.script("sessionStorage.clear()", json!([]))?;
+    b.open(&format!("{base}/#/"))?;
+    b.script("location.reload()", json!([]))?;
     b.wait_for(
         "the sign-in form",
         Duration::from_secs(10),
