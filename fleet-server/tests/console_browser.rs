@@ -5,7 +5,7 @@
 //! An operator signs in, sees the devices, starts a rollout of v2 from the form, pauses and
 //! resumes it, sees the gate figures appear and opens a drift chart; then a viewer signs in
 //! and finds no control buttons. A screenshot of every page goes to
-//! `target/tmp/console-screenshots/`.
+//! `target/tmp/console-screenshots/{operator,thousand-devices}/`.
 //!
 //! Needs `chromium` and `chromium-driver`; runs when `DRIFTGATE_TEST_CHROMIUM` is set (as
 //! `.ci/run` does after installing them) and otherwise says it was skipped.
@@ -201,6 +201,18 @@ impl Browser {
     }
 }
 
+/// `target/tmp/console-screenshots/{test}/`, emptied: only this run's pictures.
+fn screenshot_dir(test: &str) -> Result<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join("console-screenshots")
+        .join(test);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
 fn start_driver() -> Result<Driver> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -292,8 +304,7 @@ async fn an_operator_drives_a_rollout_from_the_console_and_a_viewer_cannot() -> 
         .await?
         .token;
 
-    let shots = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("console-screenshots");
-    std::fs::create_dir_all(&shots)?;
+    let shots = screenshot_dir("operator")?;
     let (base, admin) = (local.api.clone(), local.token.clone());
     let browsed = tokio::task::spawn_blocking(move || -> Result<String> {
         let driver = start_driver()?;
@@ -453,8 +464,7 @@ async fn a_thousand_devices_stay_quick() -> Result<()> {
         .await?
         .token;
     let base = format!("http://{}", running.api_addr);
-    let shots = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("console-screenshots");
-    std::fs::create_dir_all(&shots)?;
+    let shots = screenshot_dir("thousand-devices")?;
 
     let figures = tokio::task::spawn_blocking(move || -> Result<Value> {
         let driver = start_driver()?;
