@@ -67,6 +67,9 @@
   const DRIFT_ITEMS = 30; // newest drift items per followed device: they are large (counts per feature)
   const DRIFT_ITEMS_EVERY_MS = 10000; // and are fetched again at most this often
   const DRIFT_DEVICES = 5; // devices whose drift items the drift page follows
+  const COHORT_CHART_VALUES = 8; // cohorts (label values) drawn in the drift-over-time-by-cohort charts
+  const COHORT_DEVICES = 3; // highest-scoring devices followed per cohort for those charts
+  const COHORT_BUCKET_MS = 10000; // shortest time bucket of those charts (longer when windows are)
   const DRIFT_TABLE_ROWS = 50; // devices (and cohorts) in the drift tables and heat map
   const FLEET_NAMES_MAX = 100; // the overview names devices off target only in a fleet this small
   const MODEL_NAMES = 8; // device names per running version on the models page
@@ -472,6 +475,7 @@
   // ---- charts (inline SVG, no library) --------------------------------------------------
 
   const CHART_W = 520;
+  const SERIES_COLOURS = 8; // .s0 … .s7 in style.css
 
   /**
    * A line chart over time. series: [{name, points: [[t_ms, value], …]}]. Draws min/max labels
@@ -501,11 +505,11 @@
         const brk = j === 0 || (typical > 0 && t - pts[j - 1][0] > Math.max(5 * typical, 30000));
         d += `${brk ? 'M' : 'L'}${sx(t).toFixed(1)} ${sy(v).toFixed(1)} `;
       });
-      const dot = pts.length === 1 ? h`<circle class="s${i % 6}" cx="${sx(pts[0][0]).toFixed(1)}" cy="${sy(pts[0][1]).toFixed(1)}" r="3"></circle>` : '';
-      return h`<path class="line s${i % 6}" d="${d.trim()}"><title>${s.name}</title></path>${dot}`;
+      const dot = pts.length === 1 ? h`<circle class="s${i % SERIES_COLOURS}" cx="${sx(pts[0][0]).toFixed(1)}" cy="${sy(pts[0][1]).toFixed(1)}" r="3"></circle>` : '';
+      return h`<path class="line s${i % SERIES_COLOURS}" d="${d.trim()}"><title>${s.name}</title></path>${dot}`;
     });
     const legend = series.length > 1 || (series[0] && series[0].name)
-      ? h`<div class="legend">${series.map((s, i) => h`<span class="key"><i class="sw s${i % 6}"></i>${s.name}</span>`)}</div>` : '';
+      ? h`<div class="legend">${series.map((s, i) => h`<span class="key"><i class="sw s${i % SERIES_COLOURS}"></i>${s.name}</span>`)}</div>` : '';
     return h`<figure class="chart-box">
       <svg class="chart" viewBox="0 0 ${W} ${H}" role="img" aria-label="${title}">
         <text class="title" x="${L}" y="15">${title}${unit ? ` (${unit})` : ''}</text>
@@ -1429,7 +1433,7 @@
 
   const driftUi = { model: '', version: '', label: '', window: '', feature: '' };
   const profileCache = new Map(); // `${name}@${version}` → ReferenceProfile, or null (none shipped)
-  let labelSample = { at: 0, keys: [] };
+  let labelSample = { at: 0, keys: [], devices: [], total: 0 };
   const movedOn = new Set(); // `${device}/${model}/${release}/${window}`: no such window in its newest drift items
 
   /** A version's reference profile, fetched once (it never changes); null when it has none. */
@@ -1452,13 +1456,74 @@
   async function labelKeys() {
     if (Date.now() - labelSample.at > 60000) {
       const res = await api(`/devices?limit=${LABEL_SAMPLE}`);
-      labelSample = { at: Date.now(), keys: [...new Set((res.devices || []).flatMap((d) => Object.keys(d.labels || {})))].sort() };
+      const devices = (res.devices || []).map((d) => ({ id: d.id, labels: d.labels || {} }));
+      labelSample = { at: Date.now(), keys: [...new Set(devices.flatMap((d) => Object.keys(d.labels)))].sort(), devices, total: res.total || devices.length };
     }
     return labelSample.keys;
   }
 
   const scoreLevel = (s) => (s < 0.25 ? 0 : s < 0.5 ? 1 : s < 0.75 ? 2 : s < 1 ? 3 : 4);
   const psiLevel = (p) => (p < 0.02 ? 0 : p < 0.05 ? 1 : p < 0.1 ? 2 : p < 0.25 ? 3 : 4);
+
+  /**
+   * Drift over time per cohort (the chosen label's values): per time bucket, the highest window
+   * score among the cohort's followed devices, for the whole window (as the gate scores it) and
+   * for the chosen feature. chartCohorts: [{value, members, followed: [device row]}] (at most
+   * COHORT_CHART_VALUES); allCohorts: every cohort of this window length; fetched: device →
+   * its drift items of this version and window length, oldest first.
+   */
+  function cohortCharts({ chartCohorts, allCohorts, fetched, itemWindowScore, itemFeatureScore, featureTitle, profile }) {
+    const key = driftUi.label;
+    if (!key) return '';
+    const head = h`<h2 class="full sub-chart-h">Per cohort over time (${key})</h2>`;
+    // Label values seen in the fleet sample with no drift window of this length: say so.
+    const known = new Set(allCohorts.map((c) => String(c.value)));
+    const silent = [...new Set(labelSample.devices.map((d) => d.labels[key]).filter((v) => v !== undefined && v !== null).map(String))]
+      .filter((v) => !known.has(v)).sort();
+    const silentText = silent.length
+      ? h`<p class="muted small full">No ${driftUi.window}-sample drift window of ${driftUi.model}@${driftUi.version} yet from ${silent.map((v) => `${key}=${v}`).join(', ')}${labelSample.total > labelSample.devices.length ? ` (label values from a sample of ${labelSample.devices.length} of ${labelSample.total} devices)` : ''}.</p>` : '';
+    if (!allCohorts.length) {
+      return h`${head}<div class="chart-empty"><strong>Drift score over time by ${key}</strong><span>No device with drift data has the label ${key}.</span></div>${silentText}`;
+    }
+    // Bucket: the windows' typical period (their end times' median gap), at least 10 s.
+    const gaps = [];
+    fetched.forEach((items) => items.forEach((it, j) => {
+      const gap = j ? it.body.ended_at_ms - items[j - 1].body.ended_at_ms : 0;
+      if (gap > 0) gaps.push(gap);
+    }));
+    gaps.sort((a, b) => a - b);
+    const median = gaps.length ? gaps[Math.floor(gaps.length / 2)] : 0;
+    const bucket = Math.max(COHORT_BUCKET_MS, Math.ceil(median / 1000) * 1000);
+    const seriesOf = (scoreFn) => chartCohorts.map((c) => {
+      const byBucket = new Map();
+      c.followed.forEach((d) => (fetched.get(d.device) || []).forEach((i) => {
+        const v = scoreFn(i);
+        if (v === null || v === undefined || !Number.isFinite(v)) return;
+        const b = Math.floor(i.body.ended_at_ms / bucket) * bucket;
+        byBucket.set(b, Math.max(byBucket.has(b) ? byBucket.get(b) : -Infinity, v));
+      }));
+      const points = [...byBucket.entries()].sort((a, b) => a[0] - b[0]);
+      return { name: `${key}=${c.value}${points.length ? '' : ' (no window yet)'}`, points };
+    });
+    const scoreSeries = seriesOf(itemWindowScore);
+    const featureSeries = seriesOf(itemFeatureScore);
+    const none = `no ${driftUi.window}-sample window of this version among the followed devices' newest ${DRIFT_ITEMS} drift items`;
+    const based = chartCohorts.map((c) => {
+      const has = c.followed.some((d) => (fetched.get(d.device) || []).length);
+      return h`<li><strong>${key}=${c.value}</strong>: ${c.followed.length ? c.followed.map((d) => d.device).join(', ') : 'no device to follow'}${c.members > c.followed.length ? ` (the ${c.followed.length} highest-scoring of ${plural(c.members, 'device')} with drift data)` : ''}${has ? '' : h` <span class="warn-text">— no drift window of this version and length among their newest items yet</span>`}</li>`;
+    });
+    const hidden = allCohorts.length - chartCohorts.length;
+    const shownValues = new Set(chartCohorts.map((c) => String(c.value)));
+    const hiddenValues = allCohorts.filter((c) => !shownValues.has(String(c.value))).map((c) => String(c.value));
+    return h`${head}
+      ${lineChart({ title: `Drift score over time by ${key}`, unit: '', series: scoreSeries, empty: none })}
+      ${lineChart({ title: `${featureTitle}: ${profile ? 'score' : 'PSI'} over time by ${key}`, unit: profile ? 'PSI / threshold' : '', series: featureSeries, empty: none })}
+      <div class="muted small full cohort-basis">
+        <p>Each point: the highest ${driftUi.window}-sample window ${profile ? 'score (PSI over its threshold, the largest over the features and the prediction for the first chart, as the gate computes it)' : 'score reported by the devices (no reference profile to re-score with)'} among the cohort's followed devices, per ${fmtNum(bucket / 1000, 0)}-second interval of the windows' end times. Based on the newest ${DRIFT_ITEMS} drift items of these devices:</p>
+        <ul class="cohort-devices">${based}</ul>
+        ${hidden > 0 ? h`<p>${plural(hidden, 'other cohort')} not shown (lower scores): ${hiddenValues.slice(0, 20).map((v) => `${key}=${v}`).join(', ')}${hiddenValues.length > 20 ? ', …' : ''}.</p>` : ''}
+      </div>${silentText}`;
+  }
 
   const driftPage = {
     mount(root, params) {
@@ -1473,6 +1538,7 @@
           <label>Feature <select id="dr-feature"></select></label>
         </form>
         <section id="dr-summary"><p class="loading">Loading…</p></section>
+        <section id="dr-cohort-time" class="charts"></section>
         <h2>Per feature</h2><section id="dr-heat" class="card"><p class="loading">Loading…</p></section>
         <h2>Chosen feature</h2><section id="dr-feature-view" class="charts"><p class="loading">Loading…</p></section>`);
       const on = (sel, key, reset) => $(sel).addEventListener('change', (e) => {
@@ -1499,7 +1565,7 @@
       const list = models.models || [];
       if (!list.length) {
         setHTML($('#dr-summary'), emptyState('No model in the registry yet — push one with fleetctl model push'));
-        setHTML($('#dr-heat'), ''); setHTML($('#dr-feature-view'), '');
+        setHTML($('#dr-heat'), ''); setHTML($('#dr-feature-view'), ''); setHTML($('#dr-cohort-time'), '');
         return;
       }
       const names = [...new Set(list.map((m) => m.name))].sort();
@@ -1536,7 +1602,7 @@
         setHTML($('#dr-summary'), emptyState(record && !record.profile_sha256
           ? `${driftUi.model}@${driftUi.version} ships no reference profile, so devices do not compute drift for it.`
           : `No drift window reported for ${driftUi.model}@${driftUi.version} yet: devices report them once they run it.`));
-        setHTML($('#dr-heat'), ''); setHTML($('#dr-feature-view'), '');
+        setHTML($('#dr-heat'), ''); setHTML($('#dr-feature-view'), ''); setHTML($('#dr-cohort-time'), '');
         fillSelect($('#dr-feature'), [['', '—']], '');
         return;
       }
@@ -1604,13 +1670,29 @@
       const sel = `${driftUi.model}/${drift.release}/${driftUi.window}`;
       const followed = allRows.filter((d) => !movedOn.has(`${d.device}/${sel}`))
         .sort((a, b) => b.max_score - a.max_score).slice(0, DRIFT_DEVICES);
-      const perDevice = await Promise.all(followed.map((d) => newestItems(d.device, 'drift', DRIFT_ITEMS, DRIFT_ITEMS_EVERY_MS)
+      // With a cohort label: the cohorts with the highest scores (at most COHORT_CHART_VALUES),
+      // each followed through its COHORT_DEVICES highest-scoring devices, for the charts over time.
+      const rowOf = new Map(allRows.map((d) => [d.device, d]));
+      const allCohorts = driftUi.label ? (drift.cohorts || []).filter((c) => String(c.window_len) === driftUi.window) : [];
+      const chartCohorts = allCohorts.slice().sort((a, b) => b.max_score - a.max_score).slice(0, COHORT_CHART_VALUES)
+        .sort((a, b) => String(a.value).localeCompare(String(b.value), 'en', { numeric: true }))
+        .map((c) => ({
+          value: c.value,
+          members: c.devices.length,
+          followed: c.devices.map((id) => rowOf.get(id)).filter((d) => d && !movedOn.has(`${d.device}/${sel}`))
+            .sort((a, b) => b.max_score - a.max_score).slice(0, COHORT_DEVICES),
+        }));
+      // One fetch per device, whichever chart follows it (newestItems caches, at most every 10 s).
+      const wanted = new Map(followed.map((d) => [d.device, d]));
+      chartCohorts.forEach((c) => c.followed.forEach((d) => wanted.set(d.device, d)));
+      const fetched = new Map(await Promise.all([...wanted.values()].map((d) => newestItems(d.device, 'drift', DRIFT_ITEMS, DRIFT_ITEMS_EVERY_MS)
         .then((items) => {
           const mine = items.filter((i) => i.body.model === driftUi.model && i.body.release === drift.release && String(i.body.window) === driftUi.window);
           if (!mine.length && items.length && items[0].body.ended_at_ms > (d.last_ms || 0)) movedOn.add(`${d.device}/${sel}`);
           return [d.device, mine];
-        })));
+        }))));
       if (!alive(g)) return;
+      const perDevice = followed.map((d) => [d.device, fetched.get(d.device) || []]);
       const fwOf = (i) => (i.body.features || []).find((x) => x.index === feature);
       const itemFeatureScore = (i) => {
         const f = fwOf(i);
@@ -1620,7 +1702,9 @@
         return featureScore(profile, i.body.samples, feature, psiOf(f.counts, fp.proportions));
       };
       const psiSeries = perDevice.map(([dev, items]) => ({ name: dev, points: items.map((i) => { const v = itemFeatureScore(i); return v === null ? null : [i.body.ended_at_ms, v]; }).filter(Boolean) }));
-      const scoreSeries = perDevice.map(([dev, items]) => ({ name: dev, points: items.map((i) => { const v = profile ? windowScore(profile, i.body) : i.body.max_score; return v === null || v === undefined ? null : [i.body.ended_at_ms, v]; }).filter(Boolean) }));
+      const itemWindowScore = (i) => { const v = profile ? windowScore(profile, i.body) : i.body.max_score; return v === undefined ? null : v; };
+      const scoreSeries = perDevice.map(([dev, items]) => ({ name: dev, points: items.map((i) => { const v = itemWindowScore(i); return v === null ? null : [i.body.ended_at_ms, v]; }).filter(Boolean) }));
+      setHTML($('#dr-cohort-time'), cohortCharts({ chartCohorts, allCohorts, fetched, itemWindowScore, itemFeatureScore, featureTitle: name(feature), profile }));
       const counts = [];
       let nWindows = 0; let samples = 0; let sum = 0; let sumSq = 0;
       perDevice.forEach(([, items]) => items.forEach((i) => {
