@@ -103,6 +103,12 @@ const CONTENT_SHARE_OF_QUOTA: f64 = 0.4;
 /// Share of the quota the write-ahead log may grow to before it is folded into the database.
 const WAL_SHARE_OF_QUOTA: u64 = 8;
 
+/// Share of the quota one append transaction may write (see `append_encoded`).
+const APPEND_SLICE_SHARE_OF_QUOTA: u64 = 32;
+
+/// Share of the quota one vacuum step may move through the log (see `give_back_space`).
+const VACUUM_STEP_SHARE_OF_QUOTA: u64 = 32;
+
 pub struct Outbox {
     connection: Connection,
     path: PathBuf,
@@ -180,7 +186,54 @@ impl Outbox {
     }
 
     /// [`Outbox::append`] for items already encoded (by the writers, off the outbox thread).
+    ///
+    /// A transaction's pages sit in the log, on top of the database file, until the checkpoint
+    /// after it: a large batch is stored in slices of a bounded size, so that the two together
+    /// stay within the quota however much arrives at once.
     pub fn append_encoded(&mut self, items: &[EncodedItem]) -> Result<AppendReport, OutboxError> {
+        let slice_bytes = (self.limits.quota_bytes / APPEND_SLICE_SHARE_OF_QUOTA).max(16 * 1024);
+        let mut report = AppendReport::default();
+        let mut start = 0;
+        let mut slices = 0;
+        while start < items.len() {
+            let mut end = start;
+            let mut bytes = 0u64;
+            while end < items.len()
+                && (end == start || bytes + items[end].body.len() as u64 <= slice_bytes)
+            {
+                bytes += items[end].body.len() as u64;
+                end += 1;
+            }
+            let slice = self.append_slice(&items[start..end])?;
+            report.ids.extend(slice.ids);
+            for (kind, n) in slice.evicted {
+                *report.evicted.entry(kind).or_insert(0) += n;
+            }
+            start = end;
+            slices += 1;
+        }
+        // A later slice may have evicted items of an earlier one (samples beyond the budget
+        // push out the oldest, their own included): report only what is still stored.
+        if slices > 1 && !report.evicted.is_empty() {
+            if let (Some(&low), Some(&high)) = (report.ids.first(), report.ids.last()) {
+                let mut present = self
+                    .connection
+                    .prepare_cached("SELECT id FROM items WHERE id BETWEEN ?1 AND ?2")
+                    .map_err(self.sqlite())?;
+                let kept: std::collections::HashSet<u64> = present
+                    .query_map([low as i64, high as i64], |row| row.get::<_, i64>(0))
+                    .map_err(self.sqlite())?
+                    .map(|id| id.map(|id| id as u64))
+                    .collect::<Result<_, _>>()
+                    .map_err(self.sqlite())?;
+                report.ids.retain(|id| kept.contains(id));
+            }
+        }
+        Ok(report)
+    }
+
+    /// Stores one slice in one transaction, making room first.
+    fn append_slice(&mut self, items: &[EncodedItem]) -> Result<AppendReport, OutboxError> {
         let (evicted, keep) = self.make_room(items)?;
         let mut report = AppendReport {
             evicted,
@@ -318,11 +371,35 @@ impl Outbox {
     }
 
     /// Returns freed pages to the file system and folds the log into the database.
+    ///
+    /// A vacuum moves pages through the log, and the database file only shrinks at the next
+    /// checkpoint: done in one go, the log would briefly hold as many pages as were freed on
+    /// top of a file that has not shrunk yet, and the two together could pass the quota. So
+    /// the log is emptied first, and the vacuum runs in steps, each folded in before the next.
     fn give_back_space(&self) -> Result<(), OutboxError> {
-        self.connection
-            .execute_batch("PRAGMA incremental_vacuum;")
-            .map_err(self.sqlite())?;
-        // TRUNCATE also shrinks the log file; busy readers only make it a partial checkpoint.
+        self.checkpoint()?;
+        let step_pages = (self.limits.quota_bytes / VACUUM_STEP_SHARE_OF_QUOTA / 4096).max(16);
+        // Each step frees up to `step_pages`; the bound only guards against a freelist that
+        // does not shrink (it always does, but a loop on disk state must end).
+        for _ in 0..100_000 {
+            let free_pages: i64 = self
+                .connection
+                .query_row("PRAGMA freelist_count", [], |row| row.get(0))
+                .map_err(self.sqlite())?;
+            if free_pages <= 0 {
+                break;
+            }
+            self.connection
+                .execute_batch(&format!("PRAGMA incremental_vacuum({step_pages});"))
+                .map_err(self.sqlite())?;
+            self.checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// Folds the log into the database and truncates it. This connection is the outbox's only
+    /// one, so no reader can hold the checkpoint back.
+    fn checkpoint(&self) -> Result<(), OutboxError> {
         self.connection
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
             .map_err(self.sqlite())?;
