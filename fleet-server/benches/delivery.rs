@@ -129,15 +129,7 @@ async fn reports_active(fleet: &Fleet, version: &str) -> bool {
     let Ok(Some(device)) = fleet.store.device(DEVICE).await else {
         return false;
     };
-    let Some(state) = device.state else {
-        return false;
-    };
-    let Ok(state) = serde_json::from_value::<fleet_protocol::State>(state) else {
-        return false;
-    };
-    state.models.iter().any(|m| {
-        m.name.as_str() == MODEL && m.active.as_ref().map(|a| a.version.as_str()) == Some(version)
-    })
+    fleet_server::overview::active_version(&device, MODEL).as_deref() == Some(version)
 }
 
 fn main() -> Result<()> {

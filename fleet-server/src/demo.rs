@@ -634,13 +634,9 @@ fn app_load(
     }
 }
 
+/// The version of the demo's model the device reports active.
 fn active_version(d: &crate::store::DeviceRecord) -> Option<String> {
-    let state: fleet_protocol::State = serde_json::from_value(d.state.clone()?).ok()?;
-    let model = state
-        .models
-        .into_iter()
-        .find(|m| m.name.as_str() == MODEL)?;
-    Some(model.active?.version.as_str().to_string())
+    crate::overview::active_version(d, MODEL)
 }
 
 /// Per device: the version it serves, and that version's inferences, p95 and drift score.

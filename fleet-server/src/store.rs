@@ -1060,12 +1060,10 @@ impl Store {
         limit: i64,
         newest_first: bool,
     ) -> Result<Vec<StoredItem>, StoreError> {
-        let sql = if newest_first {
-            "SELECT device, id, kind, at_ms, model, release, body FROM items WHERE device = $1 AND id > $2 AND ($3 = '' OR kind = $3) ORDER BY id DESC LIMIT $4"
-        } else {
-            "SELECT device, id, kind, at_ms, model, release, body FROM items WHERE device = $1 AND id > $2 AND ($3 = '' OR kind = $3) ORDER BY id LIMIT $4"
-        };
-        let rows = sqlx::query(sql)
+        let order = if newest_first { "DESC" } else { "ASC" };
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT device, id, kind, at_ms, model, release, body FROM items WHERE device = $1 AND id > $2 AND ($3 = '' OR kind = $3) ORDER BY id {order} LIMIT $4"
+        )))
             .bind(device)
             .bind(after_id)
             .bind(kind.unwrap_or(""))
@@ -1304,12 +1302,10 @@ impl Store {
         limit: i64,
         newest_first: bool,
     ) -> Result<Vec<AuditEntry>, StoreError> {
-        let sql = if newest_first {
-            "SELECT id, at_ms, actor, action, rollout, subject, message, details FROM audit WHERE id > $1 AND ($2 = '' OR rollout = $2) ORDER BY id DESC LIMIT $3"
-        } else {
-            "SELECT id, at_ms, actor, action, rollout, subject, message, details FROM audit WHERE id > $1 AND ($2 = '' OR rollout = $2) ORDER BY id LIMIT $3"
-        };
-        let rows = sqlx::query(sql)
+        let order = if newest_first { "DESC" } else { "ASC" };
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT id, at_ms, actor, action, rollout, subject, message, details FROM audit WHERE id > $1 AND ($2 = '' OR rollout = $2) ORDER BY id {order} LIMIT $3"
+        )))
             .bind(after_id)
             .bind(rollout.unwrap_or(""))
             .bind(limit)
