@@ -28,6 +28,7 @@ use crate::outbox::{self, Outbox, OutboxLimits};
 use crate::sampler::Sampler;
 use crate::serve::{self, ModelTable, ServeConfig, ServeState};
 use crate::store::ModelStore;
+use crate::systemd::{self, Notifier};
 use crate::telemetry::TelemetryRecorder;
 use crate::uplink::{self, UplinkConfig, UplinkStats};
 
@@ -45,16 +46,31 @@ pub fn read_key_ring(paths: &[std::path::PathBuf], what: &str) -> Result<KeyRing
     Ok(ring)
 }
 
-/// Runs the agent until SIGTERM or Ctrl-C.
+/// Runs the agent until SIGTERM or Ctrl-C, telling systemd how it goes when started by a
+/// `Type=notify` unit (readiness, status, watchdog keep-alives).
 pub async fn run(config: AgentConfig) -> Result<()> {
-    run_until(config, shutdown_signal()).await
+    run_pipeline(
+        config,
+        shutdown_signal(),
+        Notifier::from_env().map(Arc::new),
+    )
+    .await
 }
 
 /// Runs the agent until `stop` completes. Several agents can run in one process this way
-/// (each with its own data dir, API port and MQTT session), as `fleet-server demo` does.
+/// (each with its own data dir, API port and MQTT session), as `fleet-server demo` does; none
+/// of them speaks for the process to systemd.
 pub async fn run_until(
     config: AgentConfig,
     stop: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    run_pipeline(config, stop, None).await
+}
+
+async fn run_pipeline(
+    config: AgentConfig,
+    stop: impl std::future::Future<Output = ()>,
+    service_manager: Option<Arc<Notifier>>,
 ) -> Result<()> {
     let config = Arc::new(config);
     link::install_crypto_provider();
@@ -168,6 +184,16 @@ pub async fn run_until(
             ),
     );
     tracing::info!(broker = %config.broker_address(), device = %config.device_id, "connecting");
+    // Ready as soon as the API serves what the store recovered: a device without a broker in
+    // sight is still a working device.
+    let systemd_task = service_manager.clone().map(|notifier| {
+        tokio::spawn(systemd::run(
+            notifier,
+            systemd::watchdog_period_from_env(),
+            table.clone(),
+            inbound.connected.clone(),
+        ))
+    });
     let controller = Controller::new(
         config.clone(),
         fleet_keys,
@@ -184,6 +210,9 @@ pub async fn run_until(
 
     stop.await;
     tracing::info!("stopping");
+    if let Some(notifier) = &service_manager {
+        systemd::stopping(notifier);
+    }
     // A clean disconnect suppresses the last will, so say offline ourselves.
     let offline = encode(&Status {
         v: V1,
@@ -206,6 +235,9 @@ pub async fn run_until(
     uplink.abort();
     let _ = controller.await;
     let _ = uplink.await;
+    if let Some(task) = systemd_task {
+        task.abort();
+    }
     // Every handle is gone: the outbox thread commits what is queued and ends.
     drop(outbox);
     let _ = tokio::task::spawn_blocking(move || outbox_thread.join()).await;

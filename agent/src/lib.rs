@@ -17,6 +17,7 @@ pub mod runtime; // ONNX models loaded, optimised and run with tract; self-tests
 pub mod sampler; // some inferences' inputs and outputs for the server: by rate or reservoir, per model, off for privacy
 pub mod serve; // the local inference API (Open Inference Protocol / KServe v2 over HTTP) and /metrics
 pub mod store; // model versions on disk: install, atomic activation, keep the last N, start-up recovery
+pub mod systemd; // sd_notify without libsystemd: readiness, status line, watchdog keep-alives
 pub mod telemetry; // inference figures per model version per interval, into the outbox
 pub mod uplink; // the outbox to the server in acknowledged batches, resent after a reconnect
 

@@ -1,7 +1,7 @@
 //! A real `edge-agent` process for end-to-end tests, and what the tests ask of it.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 
 use fleet_protocol::tensor::compare_outputs;
 use fleet_protocol::{Manifest, ModelState, State, Tensor};
@@ -15,15 +15,25 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(dir: &Path) -> Agent {
+        Agent::start_with_env(dir, &[])
+    }
+
+    /// Starts the agent with extra environment variables (`NOTIFY_SOCKET`, …).
+    pub fn start_with_env(dir: &Path, env: &[(&str, &std::ffi::OsStr)]) -> Agent {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(dir.join("agent.log"))
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_edge-agent"))
+        // Another build of the agent may stand in (`DRIFTGATE_AGENT_BINARY`, an absolute
+        // path): the release binary of an ARM target, run through `DRIFTGATE_TARGET_RUNNER`.
+        let binary = std::env::var_os("DRIFTGATE_AGENT_BINARY")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_edge-agent").into());
+        let child = driftgate_tests::target_command(binary)
             .args(["run", "--config"])
             .arg(dir.join("agent.toml"))
             .env("DRIFTGATE_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
