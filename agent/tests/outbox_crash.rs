@@ -22,7 +22,7 @@ mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -229,7 +229,7 @@ impl Writer {
             .append(true)
             .open(dir.join("agent.log"))
             .unwrap();
-        let mut child = Command::new(std::env::current_exe().unwrap())
+        let mut child = driftgate_tests::target_command(std::env::current_exe().unwrap())
             .args([TEST, "--exact", "--nocapture", "--test-threads=1"])
             .env(WRITER_DIR, dir)
             .env(WRITER_ROUND, round.to_string())

@@ -54,6 +54,23 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// A command that runs `program`, a binary built for the target under test. When the tests
+/// themselves run under an emulator (`cross/test-arm.sh` sets `DRIFTGATE_TARGET_RUNNER` to the
+/// same `qemu-… -L …` line as cargo's runner), the binaries they start go through it too, so no
+/// binfmt_misc registration is needed.
+pub fn target_command(program: impl AsRef<std::ffi::OsStr>) -> std::process::Command {
+    let runner = std::env::var("DRIFTGATE_TARGET_RUNNER").unwrap_or_default();
+    let mut words = runner.split_whitespace();
+    match words.next() {
+        None => std::process::Command::new(program),
+        Some(emulator) => {
+            let mut command = std::process::Command::new(emulator);
+            command.args(words).arg(program);
+            command
+        }
+    }
+}
+
 /// A free TCP port on 127.0.0.1 (free now; a race with another process is possible).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
