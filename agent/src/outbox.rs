@@ -96,6 +96,17 @@ pub struct OutboxStats {
     pub unreported_evictions: BTreeMap<String, u64>,
 }
 
+/// The order in which `make_room` takes victims within one priority.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Stored items the uplink has not sent yet, oldest first.
+    NeverSent,
+    /// The items being appended.
+    Incoming,
+    /// Stored items sent and awaiting their ack.
+    Sent,
+}
+
 /// Share of the quota the stored content may fill before evictions start: SQLite pages are
 /// never full, the index takes its share, and the log needs room to work in.
 const CONTENT_SHARE_OF_QUOTA: f64 = 0.4;
@@ -115,6 +126,9 @@ pub struct Outbox {
     limits: OutboxLimits,
     /// Sum of the stored bodies' sizes, kept in step with every change.
     content_bytes: u64,
+    /// The highest id `next_batch` has handed out: items up to it may be at the server already
+    /// (sent, the ack not back yet), so evicting them could count as lost what was delivered.
+    handed_out_up_to: std::cell::Cell<u64>,
 }
 
 impl Outbox {
@@ -161,6 +175,7 @@ impl Outbox {
             path: path.to_path_buf(),
             limits,
             content_bytes: content_bytes.max(0) as u64,
+            handed_out_up_to: std::cell::Cell::new(0),
         })
     }
 
@@ -305,10 +320,21 @@ impl Outbox {
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(sqlite)?;
         let mut freed = 0u64;
+        let handed_out = self.handed_out_up_to.get().min(i64::MAX as u64) as i64;
         {
+            // Within a priority: first what was never sent, oldest first; then the incoming
+            // items; only then what was sent and awaits its ack, since the server may hold it
+            // already and its eviction would be counted as a loss that did not happen.
             let mut oldest = transaction
                 .prepare_cached(
-                    "SELECT id, kind, bytes FROM items WHERE priority = ?1 ORDER BY id LIMIT 512",
+                    "SELECT id, kind, bytes FROM items WHERE priority = ?1 AND id > ?2 \
+                     ORDER BY id LIMIT 512",
+                )
+                .map_err(sqlite)?;
+            let mut oldest_sent = transaction
+                .prepare_cached(
+                    "SELECT id, kind, bytes FROM items WHERE priority = ?1 AND id <= ?2 \
+                     ORDER BY id LIMIT 512",
                 )
                 .map_err(sqlite)?;
             let mut delete = transaction
@@ -321,40 +347,48 @@ impl Outbox {
                 )
                 .map_err(sqlite)?;
             for priority in [Priority::Sample, Priority::Telemetry, Priority::Summary] {
-                // Stored items of this priority, oldest first…
-                while to_free > 0 {
-                    let victims: Vec<(i64, String, i64)> = oldest
-                        .query_map([priority as i64], |row| {
-                            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
-                        })
-                        .map_err(sqlite)?
-                        .collect::<Result<_, _>>()
-                        .map_err(sqlite)?;
-                    if victims.is_empty() {
-                        break;
+                for phase in [Phase::NeverSent, Phase::Incoming, Phase::Sent] {
+                    if phase == Phase::Incoming {
+                        for (item, keep) in incoming.iter().zip(keep.iter_mut()) {
+                            if to_free == 0 {
+                                break;
+                            }
+                            if item.priority == priority {
+                                *keep = false;
+                                count.execute([item.kind]).map_err(sqlite)?;
+                                *evicted.entry(item.kind.to_string()).or_insert(0) += 1;
+                                to_free = to_free.saturating_sub(item.body.len() as u64);
+                            }
+                        }
+                        continue;
                     }
-                    for (id, kind, bytes) in victims {
-                        delete.execute([id]).map_err(sqlite)?;
-                        count.execute([&kind]).map_err(sqlite)?;
-                        *evicted.entry(kind).or_insert(0) += 1;
-                        let bytes = bytes.max(0) as u64;
-                        freed += bytes;
-                        to_free = to_free.saturating_sub(bytes);
-                        if to_free == 0 {
+                    let query = if phase == Phase::NeverSent {
+                        &mut oldest
+                    } else {
+                        &mut oldest_sent
+                    };
+                    while to_free > 0 {
+                        let victims: Vec<(i64, String, i64)> = query
+                            .query_map(params![priority as i64, handed_out], |row| {
+                                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                            })
+                            .map_err(sqlite)?
+                            .collect::<Result<_, _>>()
+                            .map_err(sqlite)?;
+                        if victims.is_empty() {
                             break;
                         }
-                    }
-                }
-                // …then the incoming ones of this priority, in arrival order.
-                for (item, keep) in incoming.iter().zip(keep.iter_mut()) {
-                    if to_free == 0 {
-                        break;
-                    }
-                    if item.priority == priority {
-                        *keep = false;
-                        count.execute([item.kind]).map_err(sqlite)?;
-                        *evicted.entry(item.kind.to_string()).or_insert(0) += 1;
-                        to_free = to_free.saturating_sub(item.body.len() as u64);
+                        for (id, kind, bytes) in victims {
+                            delete.execute([id]).map_err(sqlite)?;
+                            count.execute([&kind]).map_err(sqlite)?;
+                            *evicted.entry(kind).or_insert(0) += 1;
+                            let bytes = bytes.max(0) as u64;
+                            freed += bytes;
+                            to_free = to_free.saturating_sub(bytes);
+                            if to_free == 0 {
+                                break;
+                            }
+                        }
                     }
                 }
                 if to_free == 0 {
@@ -430,7 +464,7 @@ impl Outbox {
                 ))
             })
             .map_err(self.sqlite())?;
-        let mut items = Vec::new();
+        let mut items: Vec<Item> = Vec::new();
         let mut bytes = 0usize;
         for row in rows {
             let (id, at_ms, size, body) = row.map_err(self.sqlite())?;
@@ -448,6 +482,10 @@ impl Outbox {
                 Err(e) => tracing::warn!(id, error = %e, "skipping an unreadable outbox item"),
             }
             bytes += size as usize;
+        }
+        if let Some(last) = items.last() {
+            self.handed_out_up_to
+                .set(self.handed_out_up_to.get().max(last.id));
         }
         Ok(items)
     }
@@ -845,6 +883,36 @@ mod tests {
         assert!(
             outbox.stats().unwrap().content_bytes <= (quota as f64 * CONTENT_SHARE_OF_QUOTA) as u64
         );
+    }
+
+    #[test]
+    fn items_sent_and_awaiting_their_ack_are_evicted_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let quota = 1024 * 1024;
+        let mut outbox = Outbox::open(
+            &dir.path().join("outbox.db"),
+            OutboxLimits { quota_bytes: quota },
+        )
+        .unwrap();
+        let first: Vec<_> = (0..50).map(|_| (0, sample(2_000))).collect();
+        outbox.append(&first).unwrap();
+        // The uplink sends the first 20: the server may hold them before the ack comes back.
+        let sent = outbox.next_batch(0, 20, usize::MAX).unwrap();
+        let sent_ids: Vec<u64> = sent.iter().map(|i| i.id).collect();
+        // A long offline flood fills the quota many times over.
+        for _ in 0..100 {
+            let flood: Vec<_> = (0..20).map(|_| (0, sample(2_000))).collect();
+            outbox.append(&flood).unwrap();
+        }
+        let stored = outbox.next_batch(0, 100_000, usize::MAX).unwrap();
+        let evicted = outbox.stats().unwrap().unreported_evictions["sample"];
+        assert!(evicted > 1_000, "{evicted}");
+        // Never-sent items, old and new, went first; the sent ones are all still there.
+        assert_eq!(
+            &stored[..20].iter().map(|i| i.id).collect::<Vec<_>>(),
+            &sent_ids
+        );
+        assert_eq!(stored.len() as u64 + evicted, 50 + 100 * 20);
     }
 
     #[test]

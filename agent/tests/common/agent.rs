@@ -126,8 +126,8 @@ pub fn matches_self_test(manifest: &Manifest, outputs: &[Tensor]) -> Result<(), 
 }
 
 /// Runs `manifest`'s self-test case through the API and panics unless that very version
-/// answers with the expected outputs.
-pub fn infer_matches_self_test(api_port: u16, manifest: &Manifest) {
+/// answers with the expected outputs, which it returns.
+pub fn infer_matches_self_test(api_port: u16, manifest: &Manifest) -> Vec<Tensor> {
     let (status, version, outputs, text) = infer(api_port, manifest);
     assert_eq!(status, 200, "{text}");
     assert_eq!(
@@ -141,6 +141,7 @@ pub fn infer_matches_self_test(api_port: u16, manifest: &Manifest) {
             manifest.name, manifest.version
         )
     });
+    outputs
 }
 
 /// Polls until the API answers `/v2/health/live`.
