@@ -75,12 +75,14 @@ for target in "${targets[@]}"; do
     [ ${#build_std[@]} -eq 0 ] || toolchain+=(RUSTC_BOOTSTRAP=1)
 
     step "$target: building the agent's tests with Debian's $($debian_rustc --version)"
-    "${toolchain[@]}" cargo test -p edge-agent --target "$target" "${build_std[@]}" --no-run
+    # --lib --bins --tests: every test but the doctests, which rustdoc (rustup's, another
+    # version than Debian's rustc) cannot build for the target; they run natively anyway.
+    "${toolchain[@]}" cargo test -p edge-agent --target "$target" "${build_std[@]}" --lib --bins --tests --no-run
     file -b "$target_dir/cross/$target/debug/edge-agent"
 
     step "$target: the agent's tests under $runner"
     "${toolchain[@]}" DRIFTGATE_TARGET_RUNNER="$runner" \
-        cargo test -p edge-agent --target "$target" "${build_std[@]}" -- \
+        cargo test -p edge-agent --target "$target" "${build_std[@]}" --lib --bins --tests -- \
         --skip every_sample_model_serves_its_self_test_through_the_api "${test_args[@]}"
 
     step "$target: smoke test under $runner, against the native outputs"
