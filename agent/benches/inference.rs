@@ -627,15 +627,6 @@ fn which(program: &str) -> bool {
         .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
 }
 
-/// VmRSS of a process, in KiB.
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-}
-
 fn bench_idle_rss(runtime: &tokio::runtime::Runtime, verdicts: &mut Verdicts) {
     println!("\n== idle memory: the edge-agent binary of this build, cancer-logreg active ==");
     let port = common::start_broker();
@@ -656,7 +647,7 @@ fn bench_idle_rss(runtime: &tokio::runtime::Runtime, verdicts: &mut Verdicts) {
     common::agent::infer_matches_self_test(api_port, &manifest);
     // Idle: a few seconds with nothing to do (keep-alives only).
     std::thread::sleep(Duration::from_secs(3));
-    let Some(kib) = rss_kib(agent.pid()) else {
+    let Some(kib) = common::agent::rss_kib(agent.pid()) else {
         println!(
             "  /proc/{}/status is not readable here; no figure",
             agent.pid()

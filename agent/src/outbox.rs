@@ -800,6 +800,11 @@ mod tests {
     }
 
     /// A sample whose stored body is a little over `bytes` (base64 of `bytes * 3 / 4`).
+    /// An outbox in `dir` with a `quota`-byte limit.
+    fn with_quota(dir: &Path, quota: u64) -> Outbox {
+        Outbox::open(&dir.join("outbox.db"), OutboxLimits { quota_bytes: quota }).unwrap()
+    }
+
     fn sample(bytes: usize) -> ItemBody {
         ItemBody::Sample(Sample {
             model: ModelName::new("digits-mlp").unwrap(),
@@ -852,11 +857,7 @@ mod tests {
     fn a_burst_of_samples_larger_than_the_budget_gives_up_only_samples() {
         let dir = tempfile::tempdir().unwrap();
         let quota = 1024 * 1024;
-        let mut outbox = Outbox::open(
-            &dir.path().join("o.db"),
-            OutboxLimits { quota_bytes: quota },
-        )
-        .unwrap();
+        let mut outbox = with_quota(dir.path(), quota);
         // One group commit: an event, then more samples than the whole budget holds, with
         // an older-priority item (an evictions report) in the middle.
         let mut items = vec![(0, event(1))];
@@ -889,11 +890,7 @@ mod tests {
     fn items_sent_and_awaiting_their_ack_are_evicted_last() {
         let dir = tempfile::tempdir().unwrap();
         let quota = 1024 * 1024;
-        let mut outbox = Outbox::open(
-            &dir.path().join("outbox.db"),
-            OutboxLimits { quota_bytes: quota },
-        )
-        .unwrap();
+        let mut outbox = with_quota(dir.path(), quota);
         let first: Vec<_> = (0..50).map(|_| (0, sample(2_000))).collect();
         outbox.append(&first).unwrap();
         // The uplink sends the first 20: the server may hold them before the ack comes back.

@@ -15,17 +15,10 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::agent::{infer_matches_self_test, write_config, Agent};
+use common::agent::{infer_matches_self_test, rss_kib, write_config, Agent};
 use common::{sample_manifest, sign_manifest, Control, Responder};
 use fleet_protocol::tensor::compare_outputs;
 use fleet_protocol::{Manifest, Tensor};
-
-/// The resident set of `pid` in KiB (under qemu-user, the emulator's own memory included).
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_sample_model_serves_its_self_test_through_the_api() {

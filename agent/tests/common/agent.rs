@@ -155,6 +155,15 @@ pub fn wait_for_api(api_port: u16) {
     panic!("the agent's API did not come up on port {api_port}");
 }
 
+/// VmRSS of a process, in KiB (under qemu-user, the emulator's own memory included).
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
 /// The end of the agent's log in `dir`, for failure messages.
 pub fn log_tail(dir: &Path) -> String {
     let log = std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default();
