@@ -4,6 +4,9 @@
 //! PostgreSQL, Chromium) run only when `.ci/run` has installed it and set the matching
 //! environment variable; otherwise they print one line saying they were skipped and why.
 
+pub mod onnx;
+pub mod proxy;
+
 use std::io::Write;
 use std::path::PathBuf;
 

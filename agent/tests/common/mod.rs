@@ -18,7 +18,9 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 pub mod agent;
 pub mod onnx;
-pub mod proxy;
+// Not every test binary uses the proxy.
+#[allow(unused_imports)]
+pub use driftgate_tests::proxy;
 pub mod receiver;
 pub mod tls;
 
