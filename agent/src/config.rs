@@ -30,8 +30,11 @@
 //!
 //! [fetch]
 //! chunk_bytes = 262144                 # default 256 KiB
-//! window = 8                           # default 8 requests in flight
-//! request_timeout_ms = 5000            # default 5 s per chunk request
+//! window = 8                           # default 8 requests in flight, at most
+//! max_queue_ms = 2000                  # default 2 s: fewer in flight when the link is slower
+//!                                      # than window × chunk_bytes per 2 s (replies asked for
+//!                                      # queue ahead of acks and keep-alives)
+//! request_timeout_ms = 5000            # default 5 s without any reply: the link has stalled
 //! max_retries = 10                     # default 10 retries of one chunk before the install fails
 //!
 //! [store]
@@ -309,6 +312,9 @@ pub struct FetchConfig {
     pub chunk_bytes: u32,
     #[serde(default = "default_window")]
     pub window: usize,
+    /// How long the chunks asked for may take to arrive, at the link's measured pace.
+    #[serde(default = "default_max_queue")]
+    pub max_queue_ms: u64,
     #[serde(default = "default_request_timeout")]
     pub request_timeout_ms: u64,
     #[serde(default = "default_retries")]
@@ -369,6 +375,9 @@ fn default_request_timeout() -> u64 {
 fn default_retries() -> u32 {
     10
 }
+fn default_max_queue() -> u64 {
+    2000
+}
 fn default_keep() -> usize {
     3
 }
@@ -411,6 +420,7 @@ impl Default for FetchConfig {
         FetchConfig {
             chunk_bytes: default_chunk(),
             window: default_window(),
+            max_queue_ms: default_max_queue(),
             request_timeout_ms: default_request_timeout(),
             max_retries: default_retries(),
         }
@@ -603,6 +613,9 @@ impl AgentConfig {
         }
         if !(1..=64).contains(&self.fetch.window) {
             return Err(invalid("fetch.window", "must be between 1 and 64".into()));
+        }
+        if self.fetch.max_queue_ms < 10 {
+            return Err(invalid("fetch.max_queue_ms", "must be at least 10".into()));
         }
         if self.fetch.request_timeout_ms < 100 {
             return Err(invalid(
