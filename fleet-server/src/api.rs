@@ -11,7 +11,7 @@ use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use fleet_protocol::drift::{score, DriftWindow};
 use fleet_protocol::histogram::LatencyHistogram;
 use fleet_protocol::{ModelName, ModelVersion, ReferenceProfile};
@@ -114,21 +114,65 @@ impl From<RegistryError> for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
-/// Checks the bearer token and that its role is at least `needed`.
-async fn authorize(fleet: &Fleet, headers: &HeaderMap, needed: Role) -> ApiResult<Caller> {
+/// Who calls: the bearer token checked against the store.
+async fn authenticate(fleet: &Fleet, headers: &HeaderMap) -> ApiResult<Caller> {
     let presented = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    let unauthorized =
-        |e: AuthError| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string());
+    // An expired token has its own code, so a client can tell its operator to get a new one.
+    let unauthorized = |e: AuthError| {
+        let code = match e {
+            AuthError::Expired { .. } => "token_expired",
+            _ => "unauthorized",
+        };
+        ApiError::new(StatusCode::UNAUTHORIZED, code, e.to_string())
+    };
     let Some(presented) = presented else {
         return Err(unauthorized(AuthError::Missing));
     };
-    let caller = auth::authenticate(&fleet.store, presented)
+    auth::authenticate(&fleet.store, presented)
         .await
-        .map_err(unauthorized)?;
+        .map_err(unauthorized)
+}
+
+/// The layer in front of every route that needs a token: the caller is authenticated before
+/// anything of the request is read or parsed (an unauthenticated client learns nothing of what
+/// a handler would accept, and costs no upload), and handed to the handler as an
+/// `Extension<Caller>` for its role check.
+async fn require_token(
+    State(fleet): State<Arc<Fleet>>,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match authenticate(&fleet, request.headers()).await {
+        Ok(caller) => {
+            request.extensions_mut().insert(caller);
+            next.run(request).await
+        }
+        Err(refused) => {
+            let mut response = refused.into_response();
+            if request
+                .headers()
+                .contains_key(axum::http::header::CONTENT_LENGTH)
+                || request
+                    .headers()
+                    .contains_key(axum::http::header::TRANSFER_ENCODING)
+            {
+                // The body is not read: the connection cannot carry another request.
+                response.headers_mut().insert(
+                    axum::http::header::CONNECTION,
+                    axum::http::HeaderValue::from_static("close"),
+                );
+            }
+            response
+        }
+    }
+}
+
+/// Checks that the caller's role is at least `needed`.
+fn require(caller: &Caller, needed: Role) -> ApiResult<()> {
     let role = caller.role;
     if role < needed {
         return Err(ApiError::new(
@@ -137,7 +181,7 @@ async fn authorize(fleet: &Fleet, headers: &HeaderMap, needed: Role) -> ApiResul
             format!("this needs the {needed} role; the token has {role}"),
         ));
     }
-    Ok(caller)
+    Ok(())
 }
 
 /// Records an operator's action in the audit log. The action has happened: a failure to
@@ -168,11 +212,9 @@ async fn audit(
 /// The router, with every route.
 pub fn router(fleet: Arc<Fleet>) -> Router {
     let max_upload = usize::try_from(fleet.config.api.max_upload_bytes).unwrap_or(usize::MAX);
-    Router::new()
-        .route("/api/v1/openapi.json", get(openapi))
-        .route("/api/v1/health", get(health))
+    // Every route here needs a token; `require_token` checks it before the handler runs.
+    let protected = Router::new()
         .route("/api/v1/whoami", get(whoami))
-        .route("/metrics", get(metrics))
         .route(
             "/api/v1/models",
             get(list_models)
@@ -207,6 +249,15 @@ pub fn router(fleet: Arc<Fleet>) -> Router {
         .route("/api/v1/rollouts/{id}", get(show_rollout))
         .route("/api/v1/rollouts/{id}/{command}", post(command_rollout))
         .route("/api/v1/audit", get(audit_log))
+        .route_layer(axum::middleware::from_fn_with_state(
+            fleet.clone(),
+            require_token,
+        ));
+    Router::new()
+        .route("/api/v1/openapi.json", get(openapi))
+        .route("/api/v1/health", get(health))
+        .route("/metrics", get(metrics))
+        .merge(protected)
         .merge(crate::console::router())
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(axum::middleware::from_fn_with_state(
@@ -241,8 +292,8 @@ async fn health() -> Json<Value> {
 }
 
 /// Who the token belongs to and what it may do: the console signs in with it.
-async fn whoami(State(fleet): State<Arc<Fleet>>, headers: HeaderMap) -> ApiResult<Json<Value>> {
-    let caller = authorize(&fleet, &headers, Role::Viewer).await?;
+async fn whoami(Extension(caller): Extension<Caller>) -> ApiResult<Json<Value>> {
+    require(&caller, Role::Viewer)?;
     Ok(Json(json!({
         "name": caller.name,
         "role": caller.role.as_str(),
@@ -280,9 +331,9 @@ async fn find_model(fleet: &Fleet, name: &str, version: &str) -> ApiResult<Model
 
 async fn list_models(
     State(fleet): State<Arc<Fleet>>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
 ) -> ApiResult<Json<Value>> {
-    authorize(&fleet, &headers, Role::Viewer).await?;
+    require(&caller, Role::Viewer)?;
     let models = fleet.store.models().await?;
     Ok(Json(json!({ "models": models })))
 }
@@ -291,10 +342,10 @@ async fn list_models(
 /// and, when the manifest names one, `profile`. Blobs stream to disk as they arrive.
 async fn push_model(
     State(fleet): State<Arc<Fleet>>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     mut multipart: Multipart,
 ) -> ApiResult<Response> {
-    let result = push_parts(&fleet, &headers, &mut multipart).await;
+    let result = push_parts(&fleet, &caller, &mut multipart).await;
     if result.is_err() {
         // Read the rest of a refused upload (it is bounded by the body limit) so the client,
         // still sending, gets this answer rather than a connection reset mid-body.
@@ -310,10 +361,10 @@ async fn push_model(
 
 async fn push_parts(
     fleet: &Fleet,
-    headers: &HeaderMap,
+    caller: &Caller,
     multipart: &mut Multipart,
 ) -> ApiResult<Response> {
-    let caller = authorize(fleet, headers, Role::Operator).await?;
+    require(caller, Role::Operator)?;
     let bad_part = |e: axum::extract::multipart::MultipartError| {
         ApiError::new(
             e.status(),
@@ -391,7 +442,7 @@ async fn push_parts(
     if outcome == PushOutcome::Stored {
         audit(
             fleet,
-            &caller,
+            caller,
             "model_pushed",
             &format!("{}@{}", record.name, record.version),
             format!(
@@ -415,10 +466,10 @@ async fn push_parts(
 
 async fn show_model(
     State(fleet): State<Arc<Fleet>>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     Path((name, version)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    authorize(&fleet, &headers, Role::Viewer).await?;
+    require(&caller, Role::Viewer)?;
     let record = find_model(&fleet, &name, &version).await?;
     let (envelope, manifest) = Registry::manifest_of(&record)?;
     Ok(Json(json!({
@@ -432,10 +483,10 @@ async fn show_model(
 /// edges and reference proportions, the prediction's, and the calibrated thresholds.
 async fn model_profile(
     State(fleet): State<Arc<Fleet>>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     Path((name, version)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    authorize(&fleet, &headers, Role::Viewer).await?;
+    require(&caller, Role::Viewer)?;
     let record = find_model(&fleet, &name, &version).await?;
     match fleet.registry.profile(&record).await? {
         Some(profile) => Ok(Json(json!({ "profile": profile }))),
@@ -447,10 +498,10 @@ async fn model_profile(
 
 async fn delete_model(
     State(fleet): State<Arc<Fleet>>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     Path((name, version)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
-    let caller = authorize(&fleet, &headers, Role::Operator).await?;
+    require(&caller, Role::Operator)?;
     check_model_path(&name, &version)?;
     fleet.registry.delete(&name, &version).await?;
     audit(
@@ -481,11 +532,11 @@ fn default_limit() -> i64 {
 /// interval) and the totals, with latency quantiles from the merged histograms.
 async fn model_telemetry(
     State(fleet): State<Arc<Fleet>>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     Path((name, version)): Path<(String, String)>,
     Query(q): Query<TelemetryQuery>,
 ) -> ApiResult<Json<Value>> {
-    authorize(&fleet, &headers, Role::Viewer).await?;
+    require(&caller, Role::Viewer)?;
     let record = find_model(&fleet, &name, &version).await?;
     let items = fleet
         .store
@@ -546,11 +597,11 @@ struct DriftQuery {
 /// when `?label=KEY` is given; every merged window re-scored against the model's profile.
 async fn model_drift(
     State(fleet): State<Arc<Fleet>>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     Path((name, version)): Path<(String, String)>,
     Query(q): Query<DriftQuery>,
 ) -> ApiResult<Json<Value>> {
-    authorize(&fleet, &headers, Role::Viewer).await?;
+    require(&caller, Role::Viewer)?;
     let record = find_model(&fleet, &name, &version).await?;
     let profile = fleet.registry.profile(&record).await?;
     let merged = fleet.store.drift(&name, record.release).await?;
@@ -679,10 +730,10 @@ struct DeviceListQuery {
 /// 50), with the number that matched.
 async fn list_devices(
     State(fleet): State<Arc<Fleet>>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     Query(q): Query<DeviceListQuery>,
 ) -> ApiResult<Json<Value>> {
-    authorize(&fleet, &headers, Role::Viewer).await?;
+    require(&caller, Role::Viewer)?;
     let empty = |s: Option<String>| s.filter(|v| !v.trim().is_empty());
     let presence = empty(q.presence);
     if let Some(p) = &presence {
@@ -738,9 +789,9 @@ async fn list_devices(
 /// versions assigned, and how the assigned devices stand (on target, updating, failed, behind).
 async fn fleet_overview(
     State(fleet): State<Arc<Fleet>>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
 ) -> ApiResult<Json<Value>> {
-    authorize(&fleet, &headers, Role::Viewer).await?;
+    require(&caller, Role::Viewer)?;
     let devices = fleet.store.devices().await?;
     let assignments = fleet.store.all_assignments().await?;
     let overview = crate::overview::overview(&devices, &assignments);
@@ -764,10 +815,10 @@ pub struct EnrollRequest {
 
 async fn enroll_device(
     State(fleet): State<Arc<Fleet>>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     body: Result<Json<EnrollRequest>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    let caller = authorize(&fleet, &headers, Role::Operator).await?;
+    require(&caller, Role::Operator)?;
     let Json(request) = body.map_err(|e| ApiError::invalid(e.body_text()))?;
     let bundle = fleet
         .enroll(&request.id, request.labels.clone(), request.api_listen)
@@ -786,10 +837,10 @@ async fn enroll_device(
 
 async fn show_device(
     State(fleet): State<Arc<Fleet>>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    authorize(&fleet, &headers, Role::Viewer).await?;
+    require(&caller, Role::Viewer)?;
     let device = fleet
         .store
         .device(&id)
@@ -812,11 +863,11 @@ pub struct AssignRequest {
 
 async fn assign_model(
     State(fleet): State<Arc<Fleet>>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     body: Result<Json<AssignRequest>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<Json<Value>> {
-    let caller = authorize(&fleet, &headers, Role::Operator).await?;
+    require(&caller, Role::Operator)?;
     let Json(request) = body.map_err(|e| ApiError::invalid(e.body_text()))?;
     let seq = fleet.assign(&id, &request.model, &request.version).await?;
     audit(
@@ -838,10 +889,10 @@ async fn assign_model(
 
 async fn unassign_model(
     State(fleet): State<Arc<Fleet>>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     Path((id, model)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    let caller = authorize(&fleet, &headers, Role::Operator).await?;
+    require(&caller, Role::Operator)?;
     let seq = fleet.unassign(&id, &model).await?;
     audit(
         &fleet,
@@ -857,10 +908,10 @@ async fn unassign_model(
 
 async fn revoke_device(
     State(fleet): State<Arc<Fleet>>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let caller = authorize(&fleet, &headers, Role::Admin).await?;
+    require(&caller, Role::Admin)?;
     let newly = fleet.revoke(&id).await?;
     audit(
         &fleet,
@@ -891,11 +942,11 @@ struct ItemsQuery {
 
 async fn device_items(
     State(fleet): State<Arc<Fleet>>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     Query(q): Query<ItemsQuery>,
 ) -> ApiResult<Json<Value>> {
-    authorize(&fleet, &headers, Role::Viewer).await?;
+    require(&caller, Role::Viewer)?;
     if fleet.store.device(&id).await?.is_none() {
         return Err(ApiError::not_found(format!("no device {id}")));
     }
@@ -918,16 +969,25 @@ pub struct TokenRequest {
     pub role: Role,
     #[serde(default)]
     pub name: String,
+    /// Seconds until the token is refused (absent: never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in_secs: Option<u64>,
 }
 
 async fn create_token(
     State(fleet): State<Arc<Fleet>>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     body: Result<Json<TokenRequest>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    let caller = authorize(&fleet, &headers, Role::Admin).await?;
+    require(&caller, Role::Admin)?;
     let Json(request) = body.map_err(|e| ApiError::invalid(e.body_text()))?;
-    let token = auth::create_token(&fleet.store, request.role, &request.name).await?;
+    let lifetime = request.expires_in_secs.map(std::time::Duration::from_secs);
+    if let Some(lifetime) = lifetime {
+        auth::check_lifetime(lifetime)
+            .map_err(|why| ApiError::invalid(format!("expires_in_secs: {why}")))?;
+    }
+    let token =
+        auth::create_token_expiring(&fleet.store, request.role, &request.name, lifetime).await?;
     audit(
         &fleet,
         &caller,
@@ -940,7 +1000,7 @@ async fn create_token(
             request.name,
             token.id
         ),
-        json!({"role": request.role, "name": request.name}),
+        json!({"role": request.role, "name": request.name, "expires_at_ms": token.expires_at_ms}),
     )
     .await;
     Ok((StatusCode::CREATED, Json(json!(token))))
@@ -959,10 +1019,10 @@ struct RolloutQuery {
 
 async fn list_rollouts(
     State(fleet): State<Arc<Fleet>>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     Query(q): Query<RolloutQuery>,
 ) -> ApiResult<Json<Value>> {
-    authorize(&fleet, &headers, Role::Viewer).await?;
+    require(&caller, Role::Viewer)?;
     let rollouts: Vec<Value> = fleet
         .store
         .rollouts(q.model.as_deref(), q.active)
@@ -1000,10 +1060,10 @@ fn rollout_summary(r: &crate::store::RolloutRecord) -> Value {
 
 async fn create_rollout(
     State(fleet): State<Arc<Fleet>>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     body: Result<Json<RolloutRequest>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    let caller = authorize(&fleet, &headers, Role::Operator).await?;
+    require(&caller, Role::Operator)?;
     let Json(request) = body.map_err(|e| ApiError::invalid(e.body_text()))?;
     check_model_path(&request.model, &request.version)?;
     let record = fleet
@@ -1017,10 +1077,10 @@ async fn create_rollout(
 
 async fn show_rollout(
     State(fleet): State<Arc<Fleet>>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    authorize(&fleet, &headers, Role::Viewer).await?;
+    require(&caller, Role::Viewer)?;
     let record = fleet
         .store
         .rollout(&id)
@@ -1043,11 +1103,11 @@ struct CommandBody {
 
 async fn command_rollout(
     State(fleet): State<Arc<Fleet>>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     Path((id, command)): Path<(String, String)>,
     body: Option<Json<CommandBody>>,
 ) -> ApiResult<Json<Value>> {
-    let caller = authorize(&fleet, &headers, Role::Operator).await?;
+    require(&caller, Role::Operator)?;
     let command = match command.as_str() {
         "pause" => Command::Pause,
         "resume" => Command::Resume,
@@ -1083,10 +1143,10 @@ struct AuditQuery {
 /// The audit log: operators' actions and the engine's decisions, oldest first.
 async fn audit_log(
     State(fleet): State<Arc<Fleet>>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     Query(q): Query<AuditQuery>,
 ) -> ApiResult<Json<Value>> {
-    authorize(&fleet, &headers, Role::Viewer).await?;
+    require(&caller, Role::Viewer)?;
     let (rollout, limit) = (q.rollout.as_deref(), q.limit.clamp(1, 10_000));
     let entries = if q.newest {
         fleet.store.audit_newest(rollout, q.after_id, limit).await?

@@ -178,6 +178,10 @@ impl ApiClient {
         let local =
             |p: &Path, e: std::io::Error| ClientError::Local(format!("{}: {e}", p.display()));
         let manifest_bytes = std::fs::read(manifest).map_err(|e| local(manifest, e))?;
+        // The server refuses a bad token before it reads a byte of the upload and closes the
+        // connection; a client still sending would see that as a reset. Asking first turns a
+        // missing, wrong or expired token into its own clear error.
+        self.get("/api/v1/whoami")?;
         let mut boundary = [0u8; 12];
         getrandom::fill(&mut boundary).map_err(|e| ClientError::Local(format!("random: {e}")))?;
         let boundary = format!("driftgate-{}", hex::encode(boundary));

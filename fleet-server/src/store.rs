@@ -177,6 +177,12 @@ CREATE TABLE audit (
 CREATE INDEX audit_by_rollout ON audit (rollout, id);
 ",
     ),
+    (
+        3,
+        "
+ALTER TABLE tokens ADD COLUMN expires_at_ms BIGINT;
+",
+    ),
 ];
 
 /// Items per multi-row INSERT (8 values each; far below either engine's parameter limit).
@@ -243,6 +249,9 @@ pub struct TokenRecord {
     pub name: String,
     pub created_at_ms: i64,
     pub revoked_at_ms: Option<i64>,
+    /// Refused from this instant on (`None`: never expires).
+    #[serde(default)]
+    pub expires_at_ms: Option<i64>,
 }
 
 /// A stored outbox item.
@@ -1332,13 +1341,14 @@ impl Store {
 
     pub async fn insert_token(&self, token: &TokenRecord) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO tokens (id, hash, role, name, created_at_ms) VALUES ($1, $2, $3, $4, $5)",
+            "INSERT INTO tokens (id, hash, role, name, created_at_ms, expires_at_ms) VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(&token.id)
         .bind(&token.hash)
         .bind(&token.role)
         .bind(&token.name)
         .bind(token.created_at_ms)
+        .bind(token.expires_at_ms)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -1346,7 +1356,7 @@ impl Store {
 
     pub async fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
         let row = sqlx::query(
-            "SELECT id, hash, role, name, created_at_ms, revoked_at_ms FROM tokens WHERE id = $1",
+            "SELECT id, hash, role, name, created_at_ms, revoked_at_ms, expires_at_ms FROM tokens WHERE id = $1",
         )
         .bind(id)
         .fetch_optional(&self.pool)
@@ -1359,6 +1369,7 @@ impl Store {
                 name: r.try_get(3)?,
                 created_at_ms: r.try_get(4)?,
                 revoked_at_ms: r.try_get(5)?,
+                expires_at_ms: r.try_get(6)?,
             })
         })
         .transpose()

@@ -79,6 +79,9 @@ enum TokenCommand {
         /// A note on who or what uses it.
         #[arg(long, default_value = "")]
         name: String,
+        /// Refuse the token after this long: 30m, 12h, 90d (at most 3650d). Default: never.
+        #[arg(long, value_parser = auth::parse_lifetime)]
+        expires_in: Option<std::time::Duration>,
     },
 }
 
@@ -254,12 +257,21 @@ async fn dispatch(command: Command) -> Result<()> {
             );
             Ok(())
         }
-        Command::Token(TokenCommand::Create { config, role, name }) => {
+        Command::Token(TokenCommand::Create {
+            config,
+            role,
+            name,
+            expires_in,
+        }) => {
             let config = config.load()?;
             let store = server::open_store(&config).await?;
-            let token = auth::create_token(&store, role, &name).await?;
+            let token = auth::create_token_expiring(&store, role, &name, expires_in).await?;
+            let lifetime = match expires_in {
+                Some(lifetime) => format!("expires in {} s", lifetime.as_secs()),
+                None => "never expires".to_string(),
+            };
             eprintln!(
-                "created {} token {} (store it now: it is not shown again)",
+                "created {} token {}, {lifetime} (store it now: it is not shown again)",
                 token.role, token.id
             );
             println!("{}", token.token);
