@@ -4,7 +4,7 @@
 #   dist/edge-agent_<version>-1_<arch>.deb      for the glibc targets (amd64, arm64, armhf)
 #   dist/SHA256SUMS                             of every archive and package in dist/
 #
-# usage: cross/build-release.sh [--host-toolchain] [--profile NAME] [--out DIR] TARGET…
+# usage: cross/build-release.sh [--host-toolchain] [--profile NAME] [--binary PATH] [--out DIR] TARGET…
 #        (no TARGET: x86_64-unknown-linux-gnu aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf)
 #
 # How each target is built:
@@ -18,6 +18,9 @@
 # --profile picks another cargo profile than `release` (CI packages its `dev` build of the host
 # target to check the .deb without a second optimised build; the package is the same but for
 # the binary's size and speed).
+# --binary packages an edge-agent built already, for the host target only (CI packages the one
+# its tests ran against: `cargo build -p edge-agent` would resolve other dependency features
+# than `cargo test --workspace` and compile much of the workspace again).
 #
 # Environment: CARGO_TARGET_DIR (default target/, and target/cross for Debian's rustc),
 # SOURCE_DATE_EPOCH (default: the last commit's time) for reproducible archives.
@@ -28,6 +31,7 @@ cd "$root"
 
 host_toolchain=0
 profile=release
+prebuilt=
 out="$root/dist"
 targets=()
 while [ $# -gt 0 ]; do
@@ -35,7 +39,8 @@ while [ $# -gt 0 ]; do
         --host-toolchain) host_toolchain=1 ;;
         --out) out=$(realpath -m "$2"); shift ;;
         --profile) profile=$2; shift ;;
-        -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --binary) prebuilt=$(realpath -m "$2"); shift ;;
+        -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
         *) targets+=("$1") ;;
     esac
@@ -50,6 +55,10 @@ fail() { echo "error: $*" >&2; exit 1; }
 
 version=$(cargo pkgid -p edge-agent | sed 's/.*[@#]//')
 host=$(rustc -vV | sed -n 's/^host: //p')
+if [ -n "$prebuilt" ]; then
+    [ "${targets[*]}" = "$host" ] || fail "--binary packages the host target ($host) alone, not: ${targets[*]}"
+    [ -x "$prebuilt" ] || fail "--binary $prebuilt is not an executable file"
+fi
 export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}
 target_dir=${CARGO_TARGET_DIR:-$root/target}
 debian_target_dir="$target_dir/cross"
@@ -100,6 +109,11 @@ cross_env() {
 # Builds TARGET; prints the path of the binary on the last line.
 build() {
     local target=$1
+    if [ -n "$prebuilt" ]; then
+        step "$target: packaging $prebuilt (built already)"
+        echo "$prebuilt"
+        return
+    fi
     if can_use_cross; then
         step "$target: cross build (container)"
         CROSS_CONFIG="$root/cross/Cross.toml" cross build -p edge-agent --profile "$profile" --target "$target" >&2

@@ -43,8 +43,11 @@ debian_rustc=/usr/bin/rustc
 reference="$target_dir/arm-smoke/native-outputs.json"
 mkdir -p "$(dirname "$reference")"
 
+# The native runs select the whole workspace (`--workspace --test smoke` still builds only the
+# smoke test) so that dependencies get the features `cargo test --workspace` gave them and its
+# build is reused; `-p edge-agent` alone would resolve other features and compile much again.
 step "smoke test, native ($(rustc -vV | sed -n 's/^host: //p')): the reference outputs"
-DRIFTGATE_SMOKE_OUTPUTS="$reference" cargo test -p edge-agent --test smoke -- --nocapture
+DRIFTGATE_SMOKE_OUTPUTS="$reference" cargo test --workspace --test smoke -- --nocapture
 
 for target in "${targets[@]}"; do
     case "$target" in
@@ -93,7 +96,7 @@ for target in "${targets[@]}"; do
     if [ -x "$release" ]; then
         step "$target: the smoke test driving the release binary ($release) under $runner"
         DRIFTGATE_AGENT_BINARY="$release" DRIFTGATE_TARGET_RUNNER="$runner" DRIFTGATE_SMOKE_REFERENCE="$reference" \
-            cargo test -p edge-agent --test smoke -- --nocapture
+            cargo test --workspace --test smoke -- --nocapture
     else
         echo "(no release binary at $release: cross/build-release.sh $target builds one)"
     fi

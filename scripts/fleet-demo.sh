@@ -5,7 +5,8 @@
 # one, the same digits with a mean shift on the other), and what the agents report — health,
 # telemetry, drift per device and per site — read back with fleetctl.
 #
-#   bash scripts/fleet-demo.sh            # DEMO_DIR=… to keep the files elsewhere
+#   bash scripts/fleet-demo.sh            # DEMO_DIR=… to keep the files elsewhere,
+#                                         # DRIFTGATE_BIN_DIR=… to use binaries built already
 #
 # Needs Rust and python3 (standard library only). Everything stops when the script ends;
 # exits non-zero if any step does not behave as described.
@@ -42,9 +43,17 @@ wait_for() {
   return 1
 }
 
-step "building fleet-server, fleetctl and edge-agent"
-cargo build --quiet -p fleet-server -p edge-agent --bins
-bin="${CARGO_TARGET_DIR:-target}/debug"
+# DRIFTGATE_BIN_DIR: use the binaries already there (CI runs the ones its tests built: a
+# `cargo build -p …` resolves other dependency features than `cargo test --workspace` and
+# would compile much of the workspace a second time).
+if [ -n "${DRIFTGATE_BIN_DIR:-}" ]; then
+  bin=$DRIFTGATE_BIN_DIR
+  step "using fleet-server, fleetctl and edge-agent from $bin"
+else
+  step "building fleet-server, fleetctl and edge-agent"
+  cargo build --quiet -p fleet-server -p edge-agent --bins
+  bin="${CARGO_TARGET_DIR:-target}/debug"
+fi
 bin=$(cd "$bin" && pwd)
 fleetctl="$bin/fleetctl"
 

@@ -13,9 +13,15 @@ mkdir -p "$work/models"
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 run() { printf '$ %s\n' "$*"; "$@"; }
 
-step "building fleetctl"
-cargo build --quiet -p fleet-server --bin fleetctl
-fleetctl="${CARGO_TARGET_DIR:-target}/debug/fleetctl"
+# DRIFTGATE_BIN_DIR: use the fleetctl already there (as scripts/fleet-demo.sh explains).
+if [ -n "${DRIFTGATE_BIN_DIR:-}" ]; then
+  fleetctl="$DRIFTGATE_BIN_DIR/fleetctl"
+  step "using $fleetctl"
+else
+  step "building fleetctl"
+  cargo build --quiet -p fleet-server --bin fleetctl
+  fleetctl="${CARGO_TARGET_DIR:-target}/debug/fleetctl"
+fi
 
 step "1. a release key (offline) and, for contrast, a stranger's key"
 run "$fleetctl" keys gen --out "$work/keys"
