@@ -61,6 +61,21 @@ impl Drop for TestBroker {
 /// The brokers to run a test against: always the embedded one, and Mosquitto when
 /// `DRIFTGATE_TEST_MOSQUITTO=1` says it is installed (`.ci/run` installs it).
 pub fn brokers(test: &str) -> Vec<TestBroker> {
+    // Under an emulator (cross/test-arm.sh) the agent's code is what is on trial, not the
+    // broker, and the in-process rumqttd would run emulated too: one broker is enough there,
+    // Mosquitto (native, so fast) when it is installed.
+    if std::env::var_os("DRIFTGATE_TEST_ONE_BROKER").is_some() {
+        let mosquitto = std::env::var_os("DRIFTGATE_TEST_MOSQUITTO").is_some();
+        eprintln!(
+            "{test}: one broker ({}), as DRIFTGATE_TEST_ONE_BROKER asks",
+            if mosquitto { "Mosquitto" } else { "embedded" }
+        );
+        return vec![if mosquitto {
+            start_mosquitto()
+        } else {
+            embedded_broker()
+        }];
+    }
     let mut brokers = vec![embedded_broker()];
     if driftgate_tests::require_env(
         test,
