@@ -119,6 +119,30 @@ fn server_killed_mid_rollout_continues_where_it_was() {
         let expected_stage = if *device == canary { 0 } else { 1 };
         assert_eq!(entry["stage"], expected_stage, "{device}: {entry}");
     }
+    // Nothing the server acknowledged is missing: what it stored of each device is every id
+    // up to the last one it acked, without a gap (telemetry kept flowing through the outage).
+    for device in &devices {
+        let record = fleet.device(&device.id);
+        let acked = record["device"]["acked_up_to"].as_i64().unwrap();
+        let items = fleet
+            .api()
+            .get(&format!("/api/v1/devices/{}/items?limit=100000", device.id))
+            .unwrap();
+        let ids: Vec<i64> = items["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|item| item["id"].as_i64().unwrap())
+            .filter(|id| *id <= acked)
+            .collect();
+        assert!(acked > 10, "{}: acked up to {acked}", device.id);
+        assert_eq!(
+            ids,
+            (1..=acked).collect::<Vec<_>>(),
+            "{}: stored ids up to the ack",
+            device.id
+        );
+    }
     for device in &mut devices {
         device.assert_running();
         wait_for("v2 served everywhere", Duration::from_secs(30), || {

@@ -236,8 +236,7 @@ impl Fleet {
             .unwrap_or_else(|e| panic!("GET rollout {id}: {e}"))
     }
 
-    /// Directive sequence numbers the server recorded for `device`, oldest first, from the
-    /// audit log's `directive_sent` entries.
+    /// The whole audit log, oldest first.
     pub fn audit(&self) -> Vec<Value> {
         let audit = self
             .api()
@@ -323,7 +322,7 @@ impl Device {
             .assert_running();
     }
 
-    /// The agent's log so far (every start of it).
+    /// The last lines of the running agent's log.
     pub fn log(&self) -> String {
         self.process
             .as_ref()
