@@ -74,6 +74,60 @@ pub fn target_command(program: impl AsRef<std::ffi::OsStr>) -> std::process::Com
     }
 }
 
+/// One HTTP/1.1 request on a fresh loopback connection, written exactly as given (nothing
+/// normalises the path), with `headers`, `Content-Length` and `Connection: close`. Returns the
+/// status (0 when the reply has no status line) and the body.
+pub fn http_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String) {
+    use std::io::Read;
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("API reachable");
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .expect("a read timeout");
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str(&format!(
+        "Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    ));
+    stream
+        .write_all(request.as_bytes())
+        .expect("request written");
+    stream.write_all(body).expect("body written");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).expect("response read");
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Runs a command; returns its stdout, or panics with its stderr.
+pub fn run_ok(command: &mut std::process::Command) -> String {
+    let out = command.output().expect("the command starts");
+    assert!(
+        out.status.success(),
+        "{command:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A free TCP port on 127.0.0.1 (free now; a race with another process is possible).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -130,6 +184,16 @@ impl Process {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let all: Vec<&str> = text.lines().collect();
         all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// SIGKILL, and reap it: no shutdown of any kind, as a power cut or the OOM killer does.
+    pub fn sigkill(mut self) {
+        self.child
+            .kill()
+            .unwrap_or_else(|e| panic!("SIGKILL {}: {e}", self.name));
+        self.child
+            .wait()
+            .unwrap_or_else(|e| panic!("reap {}: {e}", self.name));
     }
 
     /// Panics (with the log's tail) if the process has exited.

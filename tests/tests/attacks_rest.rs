@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::Duration;
 
 use common::Fleet;
@@ -21,38 +19,21 @@ fn raw(
     token: Option<&str>,
     body: Option<&str>,
 ) -> (u16, String) {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("the API listens");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    let mut request =
-        format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
-    if let Some(token) = token {
-        request.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    let bearer = token.map(|t| format!("Bearer {t}"));
+    let mut headers = Vec::new();
+    if let Some(bearer) = &bearer {
+        headers.push(("Authorization", bearer.as_str()));
     }
-    let body = body.unwrap_or("");
-    if !body.is_empty() || method == "POST" {
-        request.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        ));
+    if body.is_some() {
+        headers.push(("Content-Type", "application/json"));
     }
-    request.push_str("\r\n");
-    request.push_str(body);
-    stream.write_all(request.as_bytes()).unwrap();
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).unwrap();
-    let text = String::from_utf8_lossy(&response).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {text:?}"));
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    let (status, reply) =
+        driftgate_tests::http_request(port, method, path, &headers, body.unwrap_or("").as_bytes());
+    assert!(
+        status != 0,
+        "no status line from {method} {path}: {reply:?}"
+    );
+    (status, reply)
 }
 
 fn api_port(fleet: &Fleet) -> u16 {

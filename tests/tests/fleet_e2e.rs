@@ -7,36 +7,21 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use driftgate_tests::{binary, free_port, wait_for, workspace_root, Process};
+use driftgate_tests::{binary, free_port, run_ok, wait_for, workspace_root, Process};
 use fleet_server::client::ApiClient;
 use serde_json::{json, Value};
 
 /// Runs fleetctl with the server's URL and token; returns stdout, panics with stderr.
 fn fleetctl(server: &str, token: &str, args: &[&str]) -> String {
-    let out = Command::new(binary("fleetctl"))
-        .args(["--server", server, "--token", token])
-        .args(args)
-        .output()
-        .expect("fleetctl runs");
-    assert!(
-        out.status.success(),
-        "fleetctl {args:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    run_ok(
+        Command::new(binary("fleetctl"))
+            .args(["--server", server, "--token", token])
+            .args(args),
+    )
 }
 
 fn offline_fleetctl(args: &[&str]) {
-    let out = Command::new(binary("fleetctl"))
-        .args(args)
-        .output()
-        .expect("fleetctl runs");
-    assert!(
-        out.status.success(),
-        "fleetctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(Command::new(binary("fleetctl")).args(args));
 }
 
 /// The self-test input of digits-mlp v2 (8 rows of 64 pixels), as a KServe v2 request body.

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use driftgate_tests::{binary, free_port, wait_for, workspace_root, Process};
+use driftgate_tests::{binary, free_port, run_ok, wait_for, workspace_root, Process};
 use fleet_server::client::ApiClient;
 use serde_json::{json, Value};
 
@@ -104,9 +104,7 @@ impl Fleet {
 
     /// SIGKILL: no shutdown of any kind, as a power cut or the OOM killer would do it.
     pub fn kill_server(&mut self) {
-        let mut server = self.server.take().expect("the server runs");
-        server.child.kill().expect("SIGKILL the server");
-        server.child.wait().expect("reap the server");
+        self.server.take().expect("the server runs").sigkill();
     }
 
     /// Panics with the log's tail if the server has exited.
@@ -310,9 +308,7 @@ impl Device {
 
     /// SIGKILL.
     pub fn kill(&mut self) {
-        let mut agent = self.process.take().expect("the agent runs");
-        agent.child.kill().expect("SIGKILL the agent");
-        agent.child.wait().expect("reap the agent");
+        self.process.take().expect("the agent runs").sigkill();
     }
 
     pub fn assert_running(&mut self) {
@@ -395,16 +391,4 @@ pub fn sample_request(name: &str, version: &str) -> Value {
     let case: Value = serde_json::from_slice(&std::fs::read(&path).expect("a self-test case"))
         .expect("self-test JSON");
     json!({ "inputs": case["inputs"] })
-}
-
-/// Runs a command; returns its stdout, or panics with its stderr.
-pub fn run_ok(command: &mut Command) -> String {
-    let out = command.output().expect("the command starts");
-    assert!(
-        out.status.success(),
-        "{command:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
