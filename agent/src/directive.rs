@@ -465,28 +465,39 @@ impl Controller {
         let total = blob.size;
         self.set_phase(name, InstallPhase::Downloading { received: 0, total })
             .await;
-        let mut last_report = (Instant::now(), 0u64);
-        let mut reports = Vec::new();
-        let result = fetch::download(
-            blob,
-            &staging,
-            &self.config.fetch,
-            &self.link,
-            chunks,
-            |received, total| {
-                // Progress is published at most once a second or every 10 %.
-                if last_report.0.elapsed() >= Duration::from_secs(1)
-                    || received.saturating_sub(last_report.1) * 10 >= total
-                {
-                    last_report = (Instant::now(), received);
-                    reports.push(received);
+        // The download borrows its own handles, so that the controller can publish its
+        // progress while it runs: at most once a second or every 10 %.
+        let (fetch_config, link) = (self.config.fetch.clone(), self.link.clone());
+        let result = {
+            let (progress, mut progressed) = tokio::sync::watch::channel(0u64);
+            let download = fetch::download(
+                blob,
+                &staging,
+                &fetch_config,
+                &link,
+                chunks,
+                move |received, _total| {
+                    progress.send_replace(received);
+                },
+            );
+            tokio::pin!(download);
+            let mut last_report = (Instant::now(), 0u64);
+            loop {
+                tokio::select! {
+                    result = &mut download => break result,
+                    Ok(()) = progressed.changed() => {
+                        let received = *progressed.borrow_and_update();
+                        if last_report.0.elapsed() >= Duration::from_secs(1)
+                            || received.saturating_sub(last_report.1) * 10 >= total
+                        {
+                            last_report = (Instant::now(), received);
+                            self.set_phase(name, InstallPhase::Downloading { received, total })
+                                .await;
+                        }
+                    }
                 }
-            },
-        )
-        .await;
-        if let Some(&received) = reports.last() {
-            self.state_of(name).phase = InstallPhase::Downloading { received, total };
-        }
+            }
+        };
         match result {
             Ok(report) => {
                 self.metrics.add_bytes_fetched(report.fetched);
