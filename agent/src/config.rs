@@ -40,6 +40,11 @@
 //! [store]
 //! keep_versions = 3                    # default 3 per model (never the active or previous one)
 //!
+//! [check]                              # a new version first loads in a child process
+//! max_memory_mib = 1024                # default 1 GiB: address space that load may take; past
+//!                                      # it the version fails (a model bomb), the agent lives
+//! timeout_secs = 120                   # default 120 s for loading and the self-test
+//!
 //! [probation]
 //! inferences = 100                     # default: probation ends after 100 inferences…
 //! seconds = 60                         # …or 60 s, whichever comes last
@@ -108,6 +113,8 @@ pub struct AgentConfig {
     pub fetch: FetchConfig,
     #[serde(default)]
     pub store: StoreConfig,
+    #[serde(default)]
+    pub check: CheckConfig,
     #[serde(default)]
     pub probation: ProbationConfig,
     #[serde(default)]
@@ -328,6 +335,16 @@ pub struct StoreConfig {
     pub keep_versions: usize,
 }
 
+/// The first load of a new version, in a child process (see `check`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckConfig {
+    #[serde(default = "default_check_memory")]
+    pub max_memory_mib: u64,
+    #[serde(default = "default_check_timeout")]
+    pub timeout_secs: u64,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProbationConfig {
@@ -381,6 +398,12 @@ fn default_max_queue() -> u64 {
 fn default_keep() -> usize {
     3
 }
+fn default_check_memory() -> u64 {
+    1024
+}
+fn default_check_timeout() -> u64 {
+    120
+}
 fn default_probation_inferences() -> u64 {
     100
 }
@@ -431,6 +454,15 @@ impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             keep_versions: default_keep(),
+        }
+    }
+}
+
+impl Default for CheckConfig {
+    fn default() -> Self {
+        CheckConfig {
+            max_memory_mib: default_check_memory(),
+            timeout_secs: default_check_timeout(),
         }
     }
 }
@@ -628,6 +660,15 @@ impl AgentConfig {
                 "store.keep_versions",
                 "must be at least 2 (the active and the previous version)".into(),
             ));
+        }
+        if self.check.max_memory_mib < 16 {
+            return Err(invalid(
+                "check.max_memory_mib",
+                "must be at least 16 (MiB)".into(),
+            ));
+        }
+        if self.check.timeout_secs == 0 {
+            return Err(invalid("check.timeout_secs", "must be at least 1".into()));
         }
         if !(0.0..=1.0).contains(&self.probation.max_error_rate) {
             return Err(invalid(

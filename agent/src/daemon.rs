@@ -18,6 +18,7 @@ use fleet_protocol::keys::verifying_key_from_pem;
 use fleet_protocol::state::{Presence, Status};
 use fleet_protocol::{encode, KeyRing, TopicKind, V1};
 
+use crate::check::ModelCheck;
 use crate::config::AgentConfig;
 use crate::directive::{check_model, model_ref, AcceptedDirective, CheckedModel, Controller};
 use crate::drift::DriftReporter;
@@ -53,6 +54,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         config,
         shutdown_signal(),
         Notifier::from_env().map(Arc::new),
+        ModelCheck::with_this_binary(),
     )
     .await
 }
@@ -64,13 +66,15 @@ pub async fn run_until(
     config: AgentConfig,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
-    run_pipeline(config, stop, None).await
+    // Another program's process: it has no `check-model` subcommand to run.
+    run_pipeline(config, stop, None, ModelCheck::InProcess).await
 }
 
 async fn run_pipeline(
     config: AgentConfig,
     stop: impl std::future::Future<Output = ()>,
     service_manager: Option<Arc<Notifier>>,
+    model_check: ModelCheck,
 ) -> Result<()> {
     let config = Arc::new(config);
     link::install_crypto_provider();
@@ -205,7 +209,8 @@ async fn run_pipeline(
         accepted,
         serving,
     )
-    .with_outbox(outbox.clone());
+    .with_outbox(outbox.clone())
+    .with_model_check(model_check);
     let controller = tokio::spawn(controller.run(inbound));
 
     stop.await;

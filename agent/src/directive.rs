@@ -30,6 +30,7 @@ use fleet_protocol::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use crate::check::{self, CheckError, ModelCheck};
 use crate::config::{AgentConfig, ProbationConfig};
 use crate::drift::DriftMonitor;
 use crate::fetch;
@@ -175,6 +176,8 @@ pub struct Controller {
     /// Set when an install stopped for a passing reason (the link): the directive stays
     /// unsettled and is taken up again.
     retry_wanted: bool,
+    /// Where a new version first loads: in a child process under a memory limit, or here.
+    model_check: ModelCheck,
 }
 
 /// How long an unsettled directive waits before it is taken up again when no reconnect
@@ -222,6 +225,7 @@ impl Controller {
             probation: BTreeMap::new(),
             retry_wanted: false,
             outbox: None,
+            model_check: ModelCheck::InProcess,
         }
     }
 
@@ -231,6 +235,12 @@ impl Controller {
         if let (Some(model), Some(outbox)) = (stopped, &self.outbox) {
             crate::drift::report_windows(outbox, model.drain_drift(now_ms(), true));
         }
+    }
+
+    /// Loads each new version first as `check` says (in process until this is called).
+    pub fn with_model_check(mut self, check: ModelCheck) -> Self {
+        self.model_check = check;
+        self
     }
 
     /// Records events in `outbox` from now on.
@@ -653,6 +663,40 @@ impl Controller {
         }
 
         self.set_phase(&name, InstallPhase::SelfTest).await;
+        if let ModelCheck::Isolated { program } = &self.model_check {
+            let (program, config) = (program.clone(), Arc::clone(&self.config));
+            let (n, v) = (name.clone(), manifest.version.clone());
+            let checked = tokio::task::spawn_blocking(move || {
+                check::check_in_child(&program, &config, &n, &v)
+            })
+            .await;
+            match checked {
+                Ok(Ok(report)) => tracing::info!(
+                    model = %name,
+                    version = %manifest.version,
+                    load_ms = report.load_ms,
+                    peak_rss_kib = report.peak_rss_kib,
+                    "the new version passed its check in a child process"
+                ),
+                Ok(Err(CheckError::Failed(reason))) => {
+                    return self
+                        .fail(&name, format!("self-test failed: {reason}"))
+                        .await
+                }
+                // Only where the agent cannot run its own binary (under an emulator without
+                // binfmt_misc, say): better an unbounded check than no install.
+                Ok(Err(e @ CheckError::Spawn { .. })) => tracing::warn!(
+                    model = %name,
+                    error = %e,
+                    "cannot check the new version in a child process; loading it here, without a memory bound"
+                ),
+                Err(e) => {
+                    return self
+                        .fail(&name, format!("the model check task failed: {e}"))
+                        .await
+                }
+            }
+        }
         let store = self.store.clone();
         let keys = self.release_keys.clone();
         let (n, v) = (name.clone(), manifest.version.clone());

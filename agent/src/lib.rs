@@ -3,6 +3,7 @@
 //! the local inference API serves. `fleetctl` also uses `runtime` to read a model's signature
 //! and compute its self-test, so sign time and install time agree.
 
+pub mod check; // a new model's first load and self-test, in a child process under a memory limit
 pub mod config; // agent.toml: documented defaults, paths relative to the file, errors naming the field
 pub mod daemon; // wires the pipeline together and runs it until SIGTERM
 pub mod directive; // directive verification and the per-model install state machine, probation

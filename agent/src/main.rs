@@ -25,6 +25,23 @@ enum Command {
         #[arg(long, default_value = "/etc/driftgate/agent.toml")]
         config: PathBuf,
     },
+    /// Load and self-test an installed model version under a memory limit, and print what was
+    /// found as one line of JSON. The agent runs this itself before a new version serves.
+    #[command(name = "check-model", hide = true)]
+    CheckModel {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// A trusted release public key; repeat for several.
+        #[arg(long = "release-key", required = true)]
+        release_keys: Vec<PathBuf>,
+        #[arg(long)]
+        model: fleet_protocol::ModelName,
+        #[arg(long)]
+        version: fleet_protocol::ModelVersion,
+        /// Address space the check may take, in MiB; 0 for no limit.
+        #[arg(long, default_value_t = 1024)]
+        max_memory_mib: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -38,6 +55,36 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
+        Command::CheckModel {
+            data_dir,
+            release_keys,
+            model,
+            version,
+            max_memory_mib,
+        } => {
+            let args = edge_agent::check::ChildArgs {
+                data_dir,
+                release_keys,
+                model,
+                version,
+                max_memory_mib,
+            };
+            match edge_agent::check::run_child(&args) {
+                Ok(report) => {
+                    let failed = report.error.is_some();
+                    println!(
+                        "{}",
+                        serde_json::to_string(&report).expect("a report serialises")
+                    );
+                    return if failed {
+                        ExitCode::FAILURE
+                    } else {
+                        ExitCode::SUCCESS
+                    };
+                }
+                Err(e) => Err(anyhow::Error::from(e).context("cannot limit the check's memory")),
+            }
+        }
         Command::CheckConfig { config } => AgentConfig::load(&config)
             .map(|c| print!("{}", c.to_toml()))
             .map_err(anyhow::Error::from),

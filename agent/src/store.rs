@@ -104,6 +104,16 @@ pub struct ModelStore {
 }
 
 impl ModelStore {
+    /// The store of `data_dir`, to read versions only: nothing is created or cleaned up. For
+    /// the model check's child process, which runs beside the agent that owns the store.
+    pub fn reader(data_dir: &Path) -> ModelStore {
+        ModelStore {
+            models: data_dir.join("models"),
+            staging: data_dir.join("staging"),
+            keep: usize::MAX,
+        }
+    }
+
     /// Opens the store, creating its directories and removing what a crash left half done
     /// (temp files, `.installing` directories). Staging files stay: downloads resume from them.
     pub fn open(data_dir: &Path, keep: usize) -> Result<ModelStore, StoreError> {

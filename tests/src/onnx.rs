@@ -81,6 +81,57 @@ pub fn dense_mlp(inputs: usize, hidden: usize, seed: u64) -> Vec<u8> {
         output: vec![float_input("y", &[None, Some(4)])],
         ..Default::default()
     };
+    model(graph)
+}
+
+/// A model bomb: a few hundred bytes on the wire, `x [N, 4]` →
+/// `y = x + ReduceMax(CumSum(Expand(ReduceSum(x, 0), [rows, 4]), 0), 0)`. Running it
+/// materialises the `[rows, 4]` running sums (tract reduces a plain broadcast without
+/// materialising it; a running sum it must compute): 16 GiB of floats for `rows = 1 << 30`,
+/// 2 GiB for `rows = 1 << 27`, which a workstation grants and a device should not. With one
+/// row of ones as input, every output is `1 + min(rows, 2^24)` (a running sum of ones in
+/// `f32` stops growing at 2^24). (Beyond `rows = 2^31` tract 0.23.9 does not allocate: the
+/// expanded axis comes out empty, and so does the sum.)
+pub fn expand_bomb(rows: i64) -> Vec<u8> {
+    let int64 = pb::tensor_proto::DataType::Int64 as i32;
+    let shape = pb::TensorProto {
+        name: "bomb_shape".into(),
+        dims: vec![2],
+        data_type: int64,
+        int64_data: vec![rows, 4],
+        ..Default::default()
+    };
+    let axes = pb::TensorProto {
+        name: "axes".into(),
+        dims: vec![1],
+        data_type: int64,
+        int64_data: vec![0],
+        ..Default::default()
+    };
+    let axis = pb::TensorProto {
+        name: "axis".into(),
+        data_type: int64,
+        int64_data: vec![0],
+        ..Default::default()
+    };
+    let graph = pb::GraphProto {
+        name: "expand_bomb".into(),
+        node: vec![
+            node("ReduceSum", &["x", "axes"], "row"),
+            node("Expand", &["row", "bomb_shape"], "expanded"),
+            node("CumSum", &["expanded", "axis"], "running"),
+            node("ReduceMax", &["running"], "summed"),
+            node("Add", &["x", "summed"], "y"),
+        ],
+        initializer: vec![shape, axes, axis],
+        input: vec![float_input("x", &[None, Some(4)])],
+        output: vec![float_input("y", &[None, Some(4)])],
+        ..Default::default()
+    };
+    model(graph)
+}
+
+fn model(graph: pb::GraphProto) -> Vec<u8> {
     pb::ModelProto {
         ir_version: 8,
         opset_import: vec![pb::OperatorSetIdProto {
@@ -92,4 +143,26 @@ pub fn dense_mlp(inputs: usize, hidden: usize, seed: u64) -> Vec<u8> {
         ..Default::default()
     }
     .encode_to_vec()
+}
+
+/// An initializer that claims `[rows, 4]` floats and carries 16 bytes: `y = x + w` with
+/// `x [N, 4]`. A loader that allocates by the claimed shape before it checks the data would
+/// ask for `rows × 16` bytes.
+pub fn lying_initializer(rows: i64) -> Vec<u8> {
+    let weights = pb::TensorProto {
+        name: "w".into(),
+        dims: vec![rows, 4],
+        data_type: FLOAT,
+        raw_data: vec![0; 16],
+        ..Default::default()
+    };
+    let graph = pb::GraphProto {
+        name: "lying_initializer".into(),
+        node: vec![node("Add", &["x", "w"], "y")],
+        initializer: vec![weights],
+        input: vec![float_input("x", &[None, Some(4)])],
+        output: vec![float_input("y", &[None, Some(4)])],
+        ..Default::default()
+    };
+    model(graph)
 }
