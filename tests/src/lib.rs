@@ -196,6 +196,26 @@ impl Process {
             .unwrap_or_else(|e| panic!("reap {}: {e}", self.name));
     }
 
+    /// SIGTERM, then waits up to `grace` for it to exit (SIGKILL after that): a clean stop,
+    /// as a service manager does it.
+    pub fn stop(mut self, grace: std::time::Duration) {
+        let pid = self.child.id().to_string();
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status();
+        let deadline = std::time::Instant::now() + grace;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        eprintln!(
+            "{} did not stop within {grace:?} of SIGTERM; killing it",
+            self.name
+        );
+    }
+
     /// Panics (with the log's tail) if the process has exited.
     pub fn assert_running(&mut self) {
         if let Ok(Some(status)) = self.child.try_wait() {

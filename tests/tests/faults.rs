@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::{model_state, sample_request, Fleet, Load};
 use driftgate_tests::proxy::{Proxy, Shaping};
-use driftgate_tests::wait_for;
+use driftgate_tests::{require_env, wait_for};
 use serde_json::json;
 
 /// SIGKILL of the server while a staged rollout is under way: after the restart the rollout
@@ -122,26 +122,8 @@ fn server_killed_mid_rollout_continues_where_it_was() {
     // Nothing the server acknowledged is missing: what it stored of each device is every id
     // up to the last one it acked, without a gap (telemetry kept flowing through the outage).
     for device in &devices {
-        let record = fleet.device(&device.id);
-        let acked = record["device"]["acked_up_to"].as_i64().unwrap();
-        let items = fleet
-            .api()
-            .get(&format!("/api/v1/devices/{}/items?limit=100000", device.id))
-            .unwrap();
-        let ids: Vec<i64> = items["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|item| item["id"].as_i64().unwrap())
-            .filter(|id| *id <= acked)
-            .collect();
+        let acked = fleet.assert_acked_items_stored(&device.id);
         assert!(acked > 10, "{}: acked up to {acked}", device.id);
-        assert_eq!(
-            ids,
-            (1..=acked).collect::<Vec<_>>(),
-            "{}: stored ids up to the ack",
-            device.id
-        );
     }
     for device in &mut devices {
         device.assert_running();
@@ -247,4 +229,288 @@ fn a_5_mb_model_installs_over_a_link_losing_10_percent() {
         "{} bytes crossed the link for a {size}-byte model",
         proxy.bytes_down()
     );
+}
+
+/// Device clocks 10 minutes ahead and 10 minutes behind, inside the documented tolerance of 15
+/// minutes (`fleet_protocol::limits::CLOCK_SKEW_TOLERANCE_MS`): those devices connect (their
+/// TLS certificates are backdated), install, switch and report like any other, and the server
+/// stores everything it acknowledged of them. A clock 20 minutes behind is past the tolerance:
+/// that device refuses the directive as `not_yet_valid`, tells the server so in its reported
+/// state, and serves nothing.
+#[test]
+fn device_clocks_ten_minutes_off_install_switch_and_report() {
+    if !require_env(
+        "device_clocks_ten_minutes_off_install_switch_and_report",
+        "DRIFTGATE_TEST_FAKETIME",
+        "Debian's faketime (libfaketime)",
+    ) {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let fleet = Fleet::start(work.path());
+    fleet.push_sample("digits-mlp", "v1");
+    fleet.push_sample("digits-mlp", "v2");
+    let mut within: Vec<_> = [("ahead", "+10m"), ("behind", "-10m")]
+        .into_iter()
+        .map(|(id, offset)| {
+            let mut device = fleet.enroll(id, &[]);
+            device.start_with_clock(offset);
+            device
+        })
+        .collect();
+    let mut beyond = fleet.enroll("far-behind", &[]);
+    beyond.start_with_clock("-20m");
+    for id in ["ahead", "behind", "far-behind"] {
+        wait_for(&format!("{id} online"), Duration::from_secs(60), || {
+            (fleet.device(id)["device"]["presence"] == "online").then_some(())
+        });
+        fleet.fleetctl(&["device", "assign", id, "digits-mlp@v1"]);
+    }
+    for version in ["v1", "v2"] {
+        for device in &mut within {
+            if version == "v2" {
+                fleet.fleetctl(&["device", "assign", &device.id, "digits-mlp@v2"]);
+            }
+            wait_for(
+                &format!("{} to serve and report {version}", device.id),
+                Duration::from_secs(60),
+                || {
+                    device.assert_running();
+                    (device.serving("digits-mlp").as_deref() == Some(version)
+                        && fleet.reported_active(&device.id, "digits-mlp").as_deref()
+                            == Some(version))
+                    .then_some(())
+                },
+            );
+        }
+    }
+    let refused = wait_for(
+        "far-behind to report its refusal",
+        Duration::from_secs(60),
+        || {
+            beyond.assert_running();
+            let state = fleet.device("far-behind")["device"]["state"].clone();
+            state["refused"]
+                .is_object()
+                .then_some(state["refused"].clone())
+        },
+    );
+    assert_eq!(refused["code"], "not_yet_valid", "{refused}");
+    assert_eq!(beyond.serving("digits-mlp"), None, "{}", beyond.log());
+    assert_eq!(fleet.reported_active("far-behind", "digits-mlp"), None);
+    // Their figures arrive like anyone's: every item the server acked is stored, without a gap.
+    for device in &within {
+        let acked = wait_for(
+            &format!("telemetry from {}", device.id),
+            Duration::from_secs(30),
+            || {
+                let acked = fleet.device(&device.id)["device"]["acked_up_to"].as_i64()?;
+                (acked >= 5).then_some(acked)
+            },
+        );
+        assert!(fleet.assert_acked_items_stored(&device.id) >= acked);
+    }
+}
+
+/// Mosquitto, the fleet's broker, stopped and started again (SIGTERM, as a service manager
+/// restarts it) three times: while a 5 MB model downloads over a slow link, while a staged
+/// rollout soaks, and all along while every device uploads its outbox. The download resumes
+/// where it was (under 1.25 × the model crosses the link), the rollout completes, every
+/// device serves the new version, and every item the server acknowledged is stored.
+#[test]
+fn broker_restarts_during_a_download_a_rollout_and_uploads_lose_nothing() {
+    if !require_env(
+        "broker_restarts_during_a_download_a_rollout_and_uploads_lose_nothing",
+        "DRIFTGATE_TEST_MOSQUITTO",
+        "Mosquitto",
+    ) {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let mut fleet = Fleet::start_with_mosquitto(work.path());
+    fleet.push_sample("digits-mlp", "v1");
+    fleet.push_sample("digits-mlp", "v2");
+    let model = five_megabyte_model(work.path());
+    let size = std::fs::metadata(&model).unwrap().len();
+    let manifest = fleet.sign(&model, "dense", "v1", None);
+    fleet.push(&model, &manifest);
+
+    let proxy = Proxy::start(fleet.mqtt_port);
+    let mut devices: Vec<_> = (0..3)
+        .map(|i| fleet.enroll(&format!("dev-{i}"), &["site=lab"]))
+        .collect();
+    devices[0].route_through(proxy.port);
+    for device in &mut devices {
+        device.start();
+        fleet.fleetctl(&["device", "assign", &device.id, "digits-mlp@v1"]);
+    }
+    for device in &mut devices {
+        wait_for("v1 served", Duration::from_secs(60), || {
+            device.assert_running();
+            (device.serving("digits-mlp").as_deref() == Some("v1")).then_some(())
+        });
+    }
+    let _loads: Vec<Load> = devices
+        .iter()
+        .map(|d| {
+            Load::start(
+                d,
+                "digits-mlp",
+                sample_request("digits-mlp", "v1"),
+                Duration::from_millis(50),
+            )
+        })
+        .collect();
+
+    // 1. A download under way: 5 MB at 256 KiB/s takes about 20 s.
+    let down_before = proxy.bytes_down();
+    proxy.shape(Shaping {
+        bytes_per_sec: Some(256 * 1024),
+        loss: 0.0,
+    });
+    fleet.fleetctl(&["device", "assign", "dev-0", "dense@v1"]);
+    wait_for("a fifth of the download", Duration::from_secs(60), || {
+        let reported = fleet.device("dev-0");
+        let phase = model_state(&reported["device"]["state"], "dense")?["phase"].clone();
+        (phase["phase"] == "downloading" && phase["received"].as_u64()? > size / 5).then_some(())
+    });
+    fleet.mosquitto().stop();
+    std::thread::sleep(Duration::from_secs(3));
+    fleet.mosquitto().start();
+    wait_for(
+        "the download to resume and the model to install",
+        Duration::from_secs(180),
+        || {
+            devices[0].assert_running();
+            (devices[0].serving("dense").as_deref() == Some("v1")).then_some(())
+        },
+    );
+    let crossed = proxy.bytes_down() - down_before;
+    // The outage hit the download: the agent lost its link while it was under way. Then
+    // either the persistent session carried the requests and replies in flight over the
+    // restart (Mosquitto saves sessions when it stops), or they were asked again, or the next
+    // download resumed from the staging file: what crossed the link says none started over.
+    let log = plain(&devices[0].log());
+    let download = log
+        .rsplit("directive accepted seq=2")
+        .next()
+        .unwrap_or_default();
+    assert!(
+        download.contains("broker connection failed")
+            && download.contains("downloaded model=dense"),
+        "the broker restart did not interrupt the download:\n{log}"
+    );
+    let retries = logged_field(&log, "downloaded model=dense", "retries");
+    let resumed_from = logged_field(&log, "downloaded model=dense", "resumed_from");
+    eprintln!(
+        "5 MB download across a broker restart: {crossed} bytes crossed the link; \
+         {retries} chunk requests asked again, resumed from byte {resumed_from}"
+    );
+    assert!(
+        crossed < size + size / 4,
+        "{crossed} bytes crossed the link for a {size}-byte model: the download started over"
+    );
+    proxy.shape(Shaping {
+        bytes_per_sec: None,
+        loss: 0.0,
+    });
+
+    // 2. A rollout in its canary's soak.
+    let created = fleet
+        .api()
+        .post_json(
+            "/api/v1/rollouts",
+            &json!({
+                "model": "digits-mlp", "version": "v2",
+                "selector": {"site": "lab"},
+                "stages": [
+                    {"size": {"count": 1}, "soak_secs": 10},
+                    {"size": {"percent": 100.0}, "soak_secs": 2}
+                ],
+                "gates": {"max_p95_ratio": null},
+                "install_timeout_secs": 90
+            }),
+        )
+        .expect("the rollout is created");
+    let id = created["rollout"]["id"].as_str().unwrap().to_string();
+    wait_for("the canary to run v2", Duration::from_secs(90), || {
+        let shown = fleet.rollout(&id);
+        let (device, _) = shown["devices"].as_object()?.iter().next()?;
+        (fleet.reported_active(device, "digits-mlp").as_deref() == Some("v2")).then_some(())
+    });
+    fleet.mosquitto().stop();
+    std::thread::sleep(Duration::from_secs(3));
+    fleet.mosquitto().start();
+    let done = wait_for(
+        "the rollout to complete after the broker restart",
+        Duration::from_secs(180),
+        || {
+            fleet.assert_server_running();
+            let shown = fleet.rollout(&id);
+            let phase = shown["rollout"]["phase"].as_str()?.to_string();
+            assert!(
+                phase == "running" || phase == "completed",
+                "the rollout left its course: {shown}"
+            );
+            (phase == "completed").then_some(shown)
+        },
+    );
+    assert_eq!(done["devices"].as_object().unwrap().len(), 3, "{done}");
+    for device in &mut devices {
+        wait_for("v2 served and reported", Duration::from_secs(60), || {
+            device.assert_running();
+            (device.serving("digits-mlp").as_deref() == Some("v2")
+                && fleet.reported_active(&device.id, "digits-mlp").as_deref() == Some("v2"))
+            .then_some(())
+        });
+    }
+
+    // 3. The uploads went on through both restarts: the server acknowledges items produced
+    // after the second one, and stores every item it acknowledged, without a gap.
+    for device in &devices {
+        let before = fleet.device(&device.id)["device"]["acked_up_to"]
+            .as_i64()
+            .unwrap_or(0);
+        wait_for(
+            &format!("{} uploading again", device.id),
+            Duration::from_secs(60),
+            || {
+                let acked = fleet.device(&device.id)["device"]["acked_up_to"].as_i64()?;
+                (acked > before + 3).then_some(())
+            },
+        );
+        fleet.assert_acked_items_stored(&device.id);
+    }
+}
+
+/// A log without its colours (tracing writes ANSI escapes: ESC [ … letter).
+fn plain(log: &str) -> String {
+    let mut plain = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
+}
+
+/// The numeric `field` of the last line of a plain log that contains `marker` (tracing's
+/// `key=value` fields).
+fn logged_field(log: &str, marker: &str, field: &str) -> u64 {
+    let line = log
+        .lines()
+        .rev()
+        .find(|line| line.contains(marker))
+        .unwrap_or_else(|| panic!("no log line with {marker}"));
+    let prefix = format!("{field}=");
+    line.split_whitespace()
+        .find_map(|word| word.strip_prefix(&prefix)?.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in {line}"))
 }

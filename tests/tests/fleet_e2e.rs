@@ -3,6 +3,8 @@
 //! `fleetctl`; both agents serve it, and their telemetry and drift windows come back through
 //! the REST API and `fleetctl`.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -376,108 +378,23 @@ fn mosquitto_and_postgres_two_agents_serve_and_report() {
     ) {
         return;
     }
-    use fleet_server::broker::{
-        mosquitto_acl, mosquitto_password_line, render_mosquitto_config, MosquittoVars,
-        MIN_PACKET_BYTES,
-    };
-    use std::os::unix::fs::PermissionsExt;
-
     let work = tempfile::tempdir().unwrap();
     let data_dir = work.path().join("server");
     let database = fresh_postgres();
     // The server's keys, CA, broker certificate and CRL first: Mosquitto needs them.
-    let out = Command::new(binary("fleet-server"))
-        .args(["init", "--data-dir"])
-        .arg(&data_dir)
-        .args(["--database", &database])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        Command::new(binary("fleet-server"))
+            .args(["init", "--data-dir"])
+            .arg(&data_dir)
+            .args(["--database", &database]),
     );
-    // Mosquitto drops root for its own user before reading certificates: give it a copy of
-    // the broker's key it can read (the data dir keeps the 0600 original).
-    let broker = work.path().join("mosquitto");
-    std::fs::create_dir_all(&broker).unwrap();
-    for dir in [
-        work.path().to_path_buf(),
-        data_dir.clone(),
-        data_dir.join("ca"),
-        broker.clone(),
-    ] {
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    std::fs::copy(
-        data_dir.join("broker/server.pem"),
-        broker.join("server.pem"),
-    )
-    .unwrap();
-    std::fs::copy(
-        data_dir.join("broker/server.key"),
-        broker.join("server.key"),
-    )
-    .unwrap();
-    std::fs::set_permissions(
-        broker.join("server.key"),
-        std::fs::Permissions::from_mode(0o644),
-    )
-    .unwrap();
-    let topics = fleet_protocol::Topics::default();
-    std::fs::write(broker.join("acl"), mosquitto_acl(&topics)).unwrap();
-    let password = format!("pw-{}", free_port());
-    std::fs::write(
-        broker.join("passwd"),
-        mosquitto_password_line("driftgate-server", &password).unwrap() + "\n",
-    )
-    .unwrap();
-    let password_file = work.path().join("server-broker.pass");
-    std::fs::write(&password_file, &password).unwrap();
-    let (port, internal_port) = (free_port(), free_port());
-    let vars = MosquittoVars {
-        bind_address: "127.0.0.1".into(),
-        port,
-        internal_port,
-        cafile: data_dir.join("ca/ca.pem"),
-        certfile: broker.join("server.pem"),
-        keyfile: broker.join("server.key"),
-        crlfile: data_dir.join("ca/crl.pem"),
-        aclfile: broker.join("acl"),
-        server_password_file: broker.join("passwd"),
-        topics,
-        max_packet_bytes: MIN_PACKET_BYTES,
-        persistence_dir: None,
-    };
-    let conf = broker.join("mosquitto.conf");
-    std::fs::write(&conf, render_mosquitto_config(&vars)).unwrap();
-    let mut mosquitto = Process::start(
-        "mosquitto",
-        Command::new(std::env::var("MOSQUITTO").unwrap_or_else(|_| "mosquitto".into()))
-            .arg("-c")
-            .arg(&conf),
-        work.path().join("mosquitto.log"),
-    );
-    wait_for("Mosquitto's listeners", Duration::from_secs(10), || {
-        mosquitto.assert_running();
-        [port, internal_port]
-            .iter()
-            .all(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_ok())
-            .then_some(())
-    });
+    let mosquitto = common::Mosquitto::start_for(work.path(), &data_dir);
+    let mut server_flags = mosquitto.server_flags.clone();
+    server_flags.extend(["--database".to_string(), database]);
     run_fleet(
         work.path(),
         Backend {
-            server_flags: vec![
-                "--broker".into(),
-                format!("mqtt://127.0.0.1:{internal_port}"),
-                "--broker-password-file".into(),
-                password_file.display().to_string(),
-                "--public-broker-url".into(),
-                format!("mqtts://localhost:{port}"),
-                "--database".into(),
-                database,
-            ],
+            server_flags,
             _guards: vec![Box::new(mosquitto)],
         },
     );

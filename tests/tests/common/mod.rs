@@ -22,7 +22,7 @@ pub struct Fleet {
     /// `http://127.0.0.1:PORT`
     pub url: String,
     pub token: String,
-    /// The embedded broker's device port (TLS).
+    /// The broker's device port (TLS): the embedded broker's, or Mosquitto's.
     pub mqtt_port: u16,
     /// The release signing key and its public half.
     pub release_key: PathBuf,
@@ -30,12 +30,43 @@ pub struct Fleet {
     args: Vec<String>,
     server: Option<Process>,
     starts: u32,
+    mosquitto: Option<Mosquitto>,
 }
 
 impl Fleet {
-    /// A fresh fleet in `work`: release keys, the server on free ports (kept across restarts,
-    /// so devices find it again), and an admin token.
+    /// A fresh fleet in `work`: release keys, the server with its embedded broker on free
+    /// ports (kept across restarts, so devices find it again), and an admin token.
     pub fn start(work: &Path) -> Fleet {
+        let mqtt_port = free_port();
+        Fleet::launch(
+            work,
+            mqtt_port,
+            vec!["--mqtt-listen".into(), format!("127.0.0.1:{mqtt_port}")],
+            None,
+        )
+    }
+
+    /// The same fleet with Mosquitto as its broker (`DRIFTGATE_TEST_MOSQUITTO`), a process of
+    /// its own that a test can stop and start again.
+    pub fn start_with_mosquitto(work: &Path) -> Fleet {
+        let data_dir = work.join("server");
+        // The server's CA, broker certificate and CRL first: Mosquitto needs them.
+        run_ok(
+            Command::new(binary("fleet-server"))
+                .args(["init", "--data-dir"])
+                .arg(&data_dir),
+        );
+        let mosquitto = Mosquitto::start_for(work, &data_dir);
+        let (port, flags) = (mosquitto.port, mosquitto.server_flags.clone());
+        Fleet::launch(work, port, flags, Some(mosquitto))
+    }
+
+    fn launch(
+        work: &Path,
+        mqtt_port: u16,
+        broker_flags: Vec<String>,
+        mosquitto: Option<Mosquitto>,
+    ) -> Fleet {
         let keys = work.join("keys");
         run_ok(Command::new(binary("fleetctl")).args([
             "keys",
@@ -44,18 +75,17 @@ impl Fleet {
             keys.to_str().expect("a UTF-8 path"),
         ]));
         let data_dir = work.join("server");
-        let (api_port, mqtt_port) = (free_port(), free_port());
-        let args = vec![
+        let api_port = free_port();
+        let mut args = vec![
             "run".to_string(),
             "--data-dir".into(),
             data_dir.display().to_string(),
             "--api-listen".into(),
             format!("127.0.0.1:{api_port}"),
-            "--mqtt-listen".into(),
-            format!("127.0.0.1:{mqtt_port}"),
             "--release-key".into(),
             keys.join("release.pub").display().to_string(),
         ];
+        args.extend(broker_flags);
         let mut fleet = Fleet {
             work: work.to_path_buf(),
             data_dir,
@@ -67,6 +97,7 @@ impl Fleet {
             args,
             server: None,
             starts: 0,
+            mosquitto,
         };
         fleet.start_server();
         let out = run_ok(
@@ -76,6 +107,13 @@ impl Fleet {
         );
         fleet.token = out.trim().to_string();
         fleet
+    }
+
+    /// The fleet's Mosquitto; panics for a fleet on the embedded broker.
+    pub fn mosquitto(&mut self) -> &mut Mosquitto {
+        self.mosquitto
+            .as_mut()
+            .expect("this fleet runs on its embedded broker (Fleet::start_with_mosquitto)")
     }
 
     /// Starts the server (again) and waits until it says it listens.
@@ -234,6 +272,31 @@ impl Fleet {
             .unwrap_or_else(|e| panic!("GET rollout {id}: {e}"))
     }
 
+    /// Asserts that the server stores every item of `id`'s outbox up to the last one it acked,
+    /// without a gap (ids count from 1 on each device), and returns that ack.
+    pub fn assert_acked_items_stored(&self, id: &str) -> i64 {
+        let acked = self.device(id)["device"]["acked_up_to"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("{id} has no acked_up_to"));
+        let items = self
+            .api()
+            .get(&format!("/api/v1/devices/{id}/items?limit=100000"))
+            .unwrap_or_else(|e| panic!("GET items of {id}: {e}"));
+        let ids: Vec<i64> = items["items"]
+            .as_array()
+            .expect("an items array")
+            .iter()
+            .filter_map(|item| item["id"].as_i64())
+            .filter(|stored| *stored <= acked)
+            .collect();
+        assert_eq!(
+            ids,
+            (1..=acked).collect::<Vec<_>>(),
+            "{id}: stored ids up to the ack"
+        );
+        acked
+    }
+
     /// The whole audit log, oldest first.
     pub fn audit(&self) -> Vec<Value> {
         let audit = self
@@ -289,6 +352,28 @@ impl Device {
     }
 
     pub fn start(&mut self) {
+        let mut command = Command::new(binary("edge-agent"));
+        command
+            .args(["run", "--config"])
+            .arg(self.bundle.join("agent.toml"));
+        self.spawn(command);
+    }
+
+    /// Starts the agent with its wall clock `offset` away from the machine's (`+10m`, `-20m`:
+    /// libfaketime's syntax), through Debian's `faketime`. Only the wall clock moves: timers
+    /// and timeouts run on the monotonic clock, as on a device whose clock was set wrong.
+    pub fn start_with_clock(&mut self, offset: &str) {
+        let mut command = Command::new("faketime");
+        command
+            .args(["-f", offset])
+            .arg(binary("edge-agent"))
+            .args(["run", "--config"])
+            .arg(self.bundle.join("agent.toml"))
+            .env("DONT_FAKE_MONOTONIC", "1");
+        self.spawn(command);
+    }
+
+    fn spawn(&mut self, mut command: Command) {
         assert!(self.process.is_none(), "{} runs already", self.id);
         self.starts += 1;
         let log = self
@@ -298,10 +383,7 @@ impl Device {
             .join(format!("{}-{}.log", self.id, self.starts));
         self.process = Some(Process::start(
             &self.id,
-            Command::new(binary("edge-agent"))
-                .args(["run", "--config"])
-                .arg(self.bundle.join("agent.toml"))
-                .env("RUST_LOG", "info"),
+            command.env("RUST_LOG", "info"),
             log,
         ));
     }
@@ -391,4 +473,136 @@ pub fn sample_request(name: &str, version: &str) -> Value {
     let case: Value = serde_json::from_slice(&std::fs::read(&path).expect("a self-test case"))
         .expect("self-test JSON");
     json!({ "inputs": case["inputs"] })
+}
+
+/// Mosquitto as the fleet's broker, configured by the server's own template
+/// (`fleet_server::broker::render_mosquitto_config`) on fixed ports, so that it can be stopped
+/// and started again where the server and the devices find it.
+pub struct Mosquitto {
+    /// The devices' listener (mutual TLS).
+    pub port: u16,
+    /// The server's listener (loopback, password).
+    pub internal_port: u16,
+    /// `fleet-server run` flags that point the server at this broker.
+    pub server_flags: Vec<String>,
+    conf: PathBuf,
+    dir: PathBuf,
+    process: Option<Process>,
+    starts: u32,
+}
+
+impl Mosquitto {
+    /// Configures Mosquitto for the server whose data dir `fleet-server init` prepared, and
+    /// starts it.
+    pub fn start_for(work: &Path, data_dir: &Path) -> Mosquitto {
+        use fleet_server::broker::{
+            mosquitto_acl, mosquitto_password_line, render_mosquitto_config, MosquittoVars,
+            MIN_PACKET_BYTES,
+        };
+        use std::os::unix::fs::PermissionsExt;
+
+        // Mosquitto drops root for its own user before reading certificates: give it a copy
+        // of the broker's key it can read (the data dir keeps the 0600 original).
+        let dir = work.join("mosquitto");
+        std::fs::create_dir_all(&dir).expect("mosquitto dir");
+        for path in [work, data_dir, &data_dir.join("ca"), &dir] {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
+                .expect("permissions");
+        }
+        for file in ["server.pem", "server.key"] {
+            std::fs::copy(data_dir.join("broker").join(file), dir.join(file)).expect("copy");
+        }
+        std::fs::set_permissions(
+            dir.join("server.key"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .expect("permissions");
+        let topics = fleet_protocol::Topics::default();
+        std::fs::write(dir.join("acl"), mosquitto_acl(&topics)).expect("acl");
+        let password = format!("pw-{}", free_port());
+        std::fs::write(
+            dir.join("passwd"),
+            mosquitto_password_line("driftgate-server", &password).expect("a password line") + "\n",
+        )
+        .expect("passwd");
+        let password_file = work.join("server-broker.pass");
+        std::fs::write(&password_file, &password).expect("password file");
+        // Sessions and retained messages survive a restart, as in any real deployment.
+        let persistence = dir.join("persistence");
+        std::fs::create_dir_all(&persistence).expect("persistence dir");
+        std::fs::set_permissions(&persistence, std::fs::Permissions::from_mode(0o777))
+            .expect("permissions");
+        let (port, internal_port) = (free_port(), free_port());
+        let vars = MosquittoVars {
+            bind_address: "127.0.0.1".into(),
+            port,
+            internal_port,
+            cafile: data_dir.join("ca/ca.pem"),
+            certfile: dir.join("server.pem"),
+            keyfile: dir.join("server.key"),
+            crlfile: data_dir.join("ca/crl.pem"),
+            aclfile: dir.join("acl"),
+            server_password_file: dir.join("passwd"),
+            topics,
+            max_packet_bytes: MIN_PACKET_BYTES,
+            persistence_dir: Some(persistence),
+        };
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(&conf, render_mosquitto_config(&vars)).expect("mosquitto.conf");
+        let mut mosquitto = Mosquitto {
+            port,
+            internal_port,
+            server_flags: vec![
+                "--broker".into(),
+                format!("mqtt://127.0.0.1:{internal_port}"),
+                "--broker-password-file".into(),
+                password_file.display().to_string(),
+                "--public-broker-url".into(),
+                format!("mqtts://localhost:{port}"),
+            ],
+            conf,
+            dir,
+            process: None,
+            starts: 0,
+        };
+        mosquitto.start();
+        mosquitto
+    }
+
+    /// Starts it (again) and waits for both listeners.
+    pub fn start(&mut self) {
+        assert!(self.process.is_none(), "Mosquitto runs already");
+        self.starts += 1;
+        let mut process = Process::start(
+            "mosquitto",
+            Command::new(std::env::var("MOSQUITTO").unwrap_or_else(|_| "mosquitto".into()))
+                .arg("-c")
+                .arg(&self.conf),
+            self.dir.join(format!("mosquitto-{}.log", self.starts)),
+        );
+        let ports = [self.port, self.internal_port];
+        wait_for("Mosquitto's listeners", Duration::from_secs(10), || {
+            process.assert_running();
+            ports
+                .iter()
+                .all(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_ok())
+                .then_some(())
+        });
+        self.process = Some(process);
+    }
+
+    /// SIGTERM, as a service manager stops it: it writes its persistence file first.
+    pub fn stop(&mut self) {
+        self.process
+            .take()
+            .expect("Mosquitto runs")
+            .stop(Duration::from_secs(10));
+    }
+
+    pub fn assert_running(&mut self) {
+        self.process
+            .as_mut()
+            .expect("Mosquitto runs")
+            .assert_running();
+    }
 }
