@@ -8,8 +8,11 @@
 #   3. when cross/build-release.sh has built the target's release binary, the native smoke
 #      test once more, driving that binary under qemu (the shipped build, its idle memory).
 #
-# usage: cross/test-arm.sh [TARGET…]   (default: aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf)
+# usage: cross/test-arm.sh [--build-only] [TARGET…]
+#        (default: aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf)
 #        extra arguments for the test binaries after `--`, e.g. `-- --test-threads=1`
+#        --build-only: only build the tests for each target (CI builds them, niced, while the
+#        x86_64 tests run, and runs this script again afterwards to run them)
 #
 # Needs what cross/install-host-toolchain.sh installs. Test binaries run under
 # `qemu-<arch>-static -L <sysroot>` (cargo's runner; which sysroot is explained below), and the
@@ -24,10 +27,12 @@ cd "$root"
 
 targets=()
 test_args=()
+build_only=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --) shift; test_args=("$@"); break ;;
-        -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --build-only) build_only=1 ;;
+        -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
         *) targets+=("$1") ;;
     esac
@@ -46,8 +51,10 @@ mkdir -p "$(dirname "$reference")"
 # The native runs select the whole workspace (`--workspace --test smoke` still builds only the
 # smoke test) so that dependencies get the features `cargo test --workspace` gave them and its
 # build is reused; `-p edge-agent` alone would resolve other features and compile much again.
-step "smoke test, native ($(rustc -vV | sed -n 's/^host: //p')): the reference outputs"
-DRIFTGATE_SMOKE_OUTPUTS="$reference" cargo test --workspace --test smoke -- --nocapture
+if [ "$build_only" = 0 ]; then
+    step "smoke test, native ($(rustc -vV | sed -n 's/^host: //p')): the reference outputs"
+    DRIFTGATE_SMOKE_OUTPUTS="$reference" cargo test --workspace --test smoke -- --nocapture
+fi
 
 for target in "${targets[@]}"; do
     case "$target" in
@@ -82,6 +89,7 @@ for target in "${targets[@]}"; do
     # version than Debian's rustc) cannot build for the target; they run natively anyway.
     "${toolchain[@]}" cargo test -p edge-agent --target "$target" "${build_std[@]}" --lib --bins --tests --no-run
     file -b "$target_dir/cross/$target/debug/edge-agent"
+    [ "$build_only" = 0 ] || continue
 
     step "$target: the agent's tests under $runner"
     # One broker per test (Mosquitto when installed, which runs natively): the broker is not
