@@ -1,7 +1,8 @@
 //! The agent's performance, measured in one run against the targets of issue 3:
 //!
 //! - per sample model: the bare plan's latency (`Plan::run`: tract plus tensor conversion), the
-//!   HTTP API's p50/p99 latency on one keep-alive connection and its throughput with several
+//!   HTTP API's p50/p99 latency on one keep-alive connection (a client that polls for the
+//!   reply, and the same with a blocking read: see [`Wait`]) and its throughput with several
 //!   clients, onnxruntime's latency on one thread (when the Python package is installed), and
 //!   the ratios between them;
 //! - model delivery in MB/s: a 64 MiB artifact fetched through a broker on loopback with the
@@ -108,27 +109,61 @@ fn bare_plan_latency(plan: &Plan, inputs: &[Tensor], iters: usize) -> Percentile
     percentiles(samples)
 }
 
+/// How a client waits for its reply.
+#[derive(Clone, Copy, PartialEq)]
+enum Wait {
+    /// In a blocking read, as most clients do. On an idle virtual machine this adds the wake-up
+    /// of the client's own vCPU from a halt to every reply, which the API cannot help: this
+    /// development VM (Firecracker) boots with `haltpoll.guest_halt_poll_ns=0`, so every idle
+    /// wait halts the vCPU, and waking it costs 50–100 µs or more, from run to run.
+    Block,
+    /// Polling the socket until the reply is there: the client's vCPU never halts, so the
+    /// round trip is the API's (its own idle wake-up included) and the loopback's.
+    Poll,
+}
+
 /// One keep-alive HTTP/1.1 connection that sends the same request again and again.
 struct Client {
     reader: BufReader<TcpStream>,
     request: Arc<Vec<u8>>,
     body: Vec<u8>,
+    wait: Wait,
 }
 
 impl Client {
-    fn connect(address: SocketAddr, request: Arc<Vec<u8>>) -> Client {
+    fn connect(address: SocketAddr, request: Arc<Vec<u8>>, wait: Wait) -> Client {
         let stream = TcpStream::connect(address).expect("the API accepts connections");
         stream.set_nodelay(true).unwrap();
         Client {
             reader: BufReader::new(stream),
             request,
             body: Vec::new(),
+            wait,
         }
+    }
+
+    /// Spins until the reply's first byte has arrived (the rest comes in the same segment or
+    /// right behind it, and is read blocking).
+    fn poll_for_reply(&self) {
+        let stream = self.reader.get_ref();
+        stream.set_nonblocking(true).unwrap();
+        let mut byte = [0u8; 1];
+        loop {
+            match stream.peek(&mut byte) {
+                Ok(_) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::hint::spin_loop(),
+                Err(e) => panic!("reading the reply: {e}"),
+            }
+        }
+        stream.set_nonblocking(false).unwrap();
     }
 
     /// Sends the request and reads the whole response; returns the status.
     fn call(&mut self) -> u16 {
         self.reader.get_mut().write_all(&self.request).unwrap();
+        if self.wait == Wait::Poll && self.reader.buffer().is_empty() {
+            self.poll_for_reply();
+        }
         let mut line = String::new();
         self.reader.read_line(&mut line).unwrap();
         let status: u16 = line
@@ -201,8 +236,13 @@ fn handler_latency(
     })
 }
 
-fn api_latency(address: SocketAddr, request: &Arc<Vec<u8>>, iters: usize) -> Percentiles {
-    let mut client = Client::connect(address, request.clone());
+fn api_latency(
+    address: SocketAddr,
+    request: &Arc<Vec<u8>>,
+    iters: usize,
+    wait: Wait,
+) -> Percentiles {
+    let mut client = Client::connect(address, request.clone(), wait);
     for _ in 0..iters / 10 {
         assert_eq!(
             client.call(),
@@ -236,7 +276,7 @@ fn api_throughput(
         .map(|_| {
             let request = request.clone();
             std::thread::spawn(move || {
-                let mut client = Client::connect(address, request);
+                let mut client = Client::connect(address, request, Wait::Block);
                 let mut samples = Vec::new();
                 while started.elapsed() < duration {
                     let sent = Instant::now();
@@ -313,12 +353,17 @@ fn bench_models(runtime: &tokio::runtime::Runtime, options: &Options, verdicts: 
 
     println!("== inference, batch 1, per request (µs; throughput in requests/s) ==");
     println!(
-        "{:<18} {:>9} {:>9} {:>9} {:>9} {:>10} {:>12} {:>12} {:>10} {:>11}",
+        "(api: one client, one request at a time, polling for the reply; \"p50 block\": the same"
+    );
+    println!(" client waiting in a blocking read, its own vCPU wake-up included; overhead: api p50 − plan p50)");
+    println!(
+        "{:<18} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>12} {:>12} {:>10} {:>11}",
         "model",
         "plan p50",
         "handler",
         "api p50",
         "api p99",
+        "p50 block",
         "overhead",
         "api req/s",
         "req/s (c)",
@@ -352,7 +397,8 @@ fn bench_models(runtime: &tokio::runtime::Runtime, options: &Options, verdicts: 
             (address, stop)
         });
         let request = infer_request(name, &inputs);
-        let api = api_latency(address, &request, api_iters);
+        let api = api_latency(address, &request, api_iters, Wait::Poll);
+        let blocking = api_latency(address, &request, api_iters, Wait::Block);
         if name == MODELS[0].0 {
             // The same API on a current-thread runtime of its own (one thread, no work
             // stealing): how much of the round trip is the multi-threaded scheduler's.
@@ -377,7 +423,7 @@ fn bench_models(runtime: &tokio::runtime::Runtime, options: &Options, verdicts: 
                 });
                 rx.recv().unwrap()
             };
-            let single = api_latency(address1, &request, api_iters);
+            let single = api_latency(address1, &request, api_iters, Wait::Poll);
             let (single_rate, _) = api_throughput(address1, &request, 2, window);
             let _ = stop1.send(());
             println!(
@@ -386,15 +432,16 @@ fn bench_models(runtime: &tokio::runtime::Runtime, options: &Options, verdicts: 
             );
             let live =
                 Arc::new(b"GET /v2/health/live HTTP/1.1\r\nHost: localhost\r\n\r\n".to_vec());
-            let floor = api_latency(address, &live, api_iters);
+            let floor = api_latency(address, &live, api_iters, Wait::Poll);
+            let floor_blocking = api_latency(address, &live, api_iters, Wait::Block);
             println!(
-                "  (the HTTP round trip itself, GET /v2/health/live on the same kind of connection: p50 {:.1} µs, p99 {:.1} µs)",
-                floor.p50, floor.p99
+                "  (the HTTP round trip itself, GET /v2/health/live on the same kind of connection: p50 {:.1} µs, p99 {:.1} µs; with a blocking read p50 {:.1} µs)",
+                floor.p50, floor.p99, floor_blocking.p50
             );
             let metadata = Arc::new(
                 format!("GET /v2/models/{name} HTTP/1.1\r\nHost: localhost\r\n\r\n").into_bytes(),
             );
-            let metadata = api_latency(address, &metadata, api_iters);
+            let metadata = api_latency(address, &metadata, api_iters, Wait::Poll);
 
             println!(
                 "  (GET /v2/models/{name}, a JSON response and no request body: p50 {:.1} µs, p99 {:.1} µs)",
@@ -422,12 +469,13 @@ fn bench_models(runtime: &tokio::runtime::Runtime, options: &Options, verdicts: 
         };
         let label = format!("{name}/{version}");
         println!(
-            "{:<18} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10.1} {:>12.0} {:>12} {:>10} {:>11}",
+            "{:<18} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10.1} {:>12.0} {:>12} {:>10} {:>11}",
             label,
             bare.p50,
             handler.p50,
             api.p50,
             api.p99,
+            blocking.p50,
             api.p50 - bare.p50,
             best.0,
             format!("({})", best.1),
