@@ -145,3 +145,183 @@ fn model_bombs_are_refused_and_the_device_keeps_serving() {
             .expect("v1 still answers");
     }
 }
+
+/// The topics a server reads from devices.
+const SERVER_READS: [fleet_protocol::TopicKind; 4] = [
+    fleet_protocol::TopicKind::State,
+    fleet_protocol::TopicKind::Status,
+    fleet_protocol::TopicKind::Up,
+    fleet_protocol::TopicKind::Fetch,
+];
+
+/// Every file under `fuzz/seeds/` and `fuzz/regressions/` (valid messages of every kind and
+/// the inputs that once crashed a decoder), each also cut in half; and payloads built to hurt:
+/// empty, binary noise, nesting 100,000 deep, a wrong version, 2 MiB (over every message
+/// limit, under the MQTT packet limit).
+fn hostile_payloads() -> Vec<(String, Vec<u8>)> {
+    let mut payloads = Vec::new();
+    for dir in ["fuzz/seeds", "fuzz/regressions"] {
+        let root = driftgate_tests::workspace_root().join(dir);
+        for target in std::fs::read_dir(&root).expect("the fuzz corpus") {
+            let target = target.expect("a corpus dir").path();
+            for file in std::fs::read_dir(&target).expect("a corpus dir") {
+                let path = file.expect("a corpus file").path();
+                let bytes = std::fs::read(&path).expect("a corpus file");
+                let name = path
+                    .strip_prefix(&root)
+                    .unwrap_or(&path)
+                    .display()
+                    .to_string();
+                payloads.push((
+                    format!("{name} (cut in half)"),
+                    bytes[..bytes.len() / 2].to_vec(),
+                ));
+                payloads.push((name, bytes));
+            }
+        }
+    }
+    let mut noise = vec![0u8; 4096];
+    let mut rng = fastrand::Rng::with_seed(9);
+    rng.fill(&mut noise);
+    payloads.extend([
+        ("empty".to_string(), Vec::new()),
+        ("binary noise".to_string(), noise),
+        (
+            "nested 100,000 deep".to_string(),
+            "[".repeat(100_000).into_bytes(),
+        ),
+        (
+            "version 2".to_string(),
+            br#"{"v":2,"device":"noisy"}"#.to_vec(),
+        ),
+        ("only a version".to_string(), br#"{"v":1}"#.to_vec()),
+        (
+            "2 MiB".to_string(),
+            format!(r#"{{"v":1,"pad":"{}"}}"#, "A".repeat(2 << 20)).into_bytes(),
+        ),
+    ]);
+    payloads
+}
+
+/// Publishes every payload on every topic in `SERVER_READS` as the enrolled `device` (its own
+/// certificate, through its own broker URL) at QoS 1, and waits for the broker's ack of each.
+fn publish_as(device: &common::Device, payloads: Vec<(String, Vec<u8>)>) -> usize {
+    let config = edge_agent::config::AgentConfig::load(&device.bundle.join("agent.toml"))
+        .expect("the bundle's agent.toml");
+    edge_agent::link::install_crypto_provider();
+    let options = edge_agent::link::mqtt_options(&config).expect("MQTT options");
+    let topics = fleet_protocol::Topics::new(config.broker.topic_root.clone()).expect("a root");
+    let total = payloads.len() * SERVER_READS.len();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    runtime.block_on(async move {
+        let (client, mut events) = rumqttc::AsyncClient::new(options, 16);
+        let device_id = config.device_id.clone();
+        let publisher = tokio::spawn(async move {
+            for kind in SERVER_READS {
+                let topic = topics.topic(&device_id, kind);
+                for (_, payload) in &payloads {
+                    client
+                        .publish(&topic, rumqttc::QoS::AtLeastOnce, false, payload.clone())
+                        .await
+                        .expect("queued");
+                }
+            }
+            client
+        });
+        let mut acked = 0;
+        while acked < total {
+            match tokio::time::timeout(Duration::from_secs(30), events.poll()).await {
+                Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => acked += 1,
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => panic!("the broker dropped the publisher after {acked} acks: {e}"),
+                Err(_) => panic!("no ack for 30 s after {acked} of {total}"),
+            }
+        }
+        let client = publisher.await.expect("the publisher");
+        let _ = client.disconnect().await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), events.poll()).await;
+    });
+    total
+}
+
+/// The server's `driftgate_server_dropped_messages_total` for one topic, all reasons.
+fn dropped_on(metrics: &str, topic: &str) -> u64 {
+    let prefix = format!("driftgate_server_dropped_messages_total{{topic=\"{topic}\"");
+    metrics
+        .lines()
+        .filter(|line| line.starts_with(&prefix))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// The fuzz corpus and hostile payloads, published by an enrolled device on every topic the
+/// server reads: the server drops them and counts them by topic (all but the corpus's few
+/// valid messages that name no device), stays up, and then serves
+/// that very device as if nothing had happened (it installs v1 and reports it, and every
+/// item the server acknowledged of it is stored).
+#[test]
+fn hostile_payloads_on_every_topic_the_server_reads_are_dropped_and_counted() {
+    let work = tempfile::tempdir().unwrap();
+    let mut fleet = Fleet::start(work.path());
+    fleet.push_sample("digits-mlp", "v1");
+    let mut device = fleet.enroll("noisy", &[]);
+    let payloads = hostile_payloads();
+    let count = payloads.len();
+    let published = publish_as(&device, payloads);
+    eprintln!(
+        "{published} hostile publications ({count} payloads × {} topics)",
+        SERVER_READS.len()
+    );
+
+    let port: u16 = fleet
+        .url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("the API's port");
+    let metrics = wait_for(
+        "every topic's drops counted",
+        Duration::from_secs(30),
+        || {
+            fleet.assert_server_running();
+            let (status, metrics) =
+                driftgate_tests::http_request(port, "GET", "/metrics", &[], b"");
+            assert_eq!(status, 200, "{metrics}");
+            SERVER_READS
+                .iter()
+                .all(|kind| dropped_on(&metrics, kind.as_str()) > 0)
+                .then_some(metrics)
+        },
+    );
+    // Every payload on every topic is dropped and counted, but for the few valid messages in
+    // the corpus that name no device and so are this device's own when it sends them (a
+    // status, a chunk request): those the server handles as it should.
+    for kind in SERVER_READS {
+        let dropped = dropped_on(&metrics, kind.as_str());
+        eprintln!("dropped on {}: {dropped} of {count}", kind.as_str());
+        assert!(
+            dropped + 4 >= count as u64,
+            "{}: {dropped} of {count} dropped:\n{metrics}",
+            kind.as_str()
+        );
+    }
+
+    device.start();
+    fleet.fleetctl(&["device", "assign", "noisy", "digits-mlp@v1"]);
+    wait_for("v1 served and reported", Duration::from_secs(60), || {
+        device.assert_running();
+        fleet.assert_server_running();
+        (device.serving("digits-mlp").as_deref() == Some("v1")
+            && fleet.reported_active("noisy", "digits-mlp").as_deref() == Some("v1"))
+        .then_some(())
+    });
+    wait_for(
+        "its telemetry acknowledged",
+        Duration::from_secs(30),
+        || (fleet.device("noisy")["device"]["acked_up_to"].as_i64()? >= 3).then_some(()),
+    );
+    fleet.assert_acked_items_stored("noisy");
+}
