@@ -14,6 +14,10 @@
 //!
 //! Versions already installed (at start-up, on a local rollback) passed this check when they
 //! were installed and load in process.
+//!
+//! The isolation is opt-in (`[check] isolate = true`) until an open flake is understood: with
+//! it on, `agent/tests/crash_safety.rs::sigkill_around_activation_never_leaves_a_partial_version`
+//! sometimes finds the agent restarted after a SIGKILL during the check not answering.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

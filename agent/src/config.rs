@@ -40,9 +40,11 @@
 //! [store]
 //! keep_versions = 3                    # default 3 per model (never the active or previous one)
 //!
-//! [check]                              # a new version first loads in a child process
-//! max_memory_mib = 1024                # default 1 GiB: address space that load may take; past
-//!                                      # it the version fails (a model bomb), the agent lives
+//! [check]                              # where a new version first loads and self-tests
+//! isolate = false                      # default false: in the agent's process; true: in a
+//!                                      # child process bounded by the two settings below, so
+//!                                      # that a model bomb fails the install, not the agent
+//! max_memory_mib = 1024                # default 1 GiB: address space that load may take
 //! timeout_secs = 120                   # default 120 s for loading and the self-test
 //!
 //! [probation]
@@ -339,6 +341,11 @@ pub struct StoreConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CheckConfig {
+    /// Off by default until an open flake is understood: with it on, the SIGKILL-around-
+    /// activation test (`agent/tests/crash_safety.rs`) sometimes finds the restarted agent
+    /// not answering (issue 9's note).
+    #[serde(default)]
+    pub isolate: bool,
     #[serde(default = "default_check_memory")]
     pub max_memory_mib: u64,
     #[serde(default = "default_check_timeout")]
@@ -461,6 +468,7 @@ impl Default for StoreConfig {
 impl Default for CheckConfig {
     fn default() -> Self {
         CheckConfig {
+            isolate: false,
             max_memory_mib: default_check_memory(),
             timeout_secs: default_check_timeout(),
         }

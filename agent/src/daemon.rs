@@ -50,11 +50,16 @@ pub fn read_key_ring(paths: &[std::path::PathBuf], what: &str) -> Result<KeyRing
 /// Runs the agent until SIGTERM or Ctrl-C, telling systemd how it goes when started by a
 /// `Type=notify` unit (readiness, status, watchdog keep-alives).
 pub async fn run(config: AgentConfig) -> Result<()> {
+    let model_check = if config.check.isolate {
+        ModelCheck::with_this_binary()
+    } else {
+        ModelCheck::InProcess
+    };
     run_pipeline(
         config,
         shutdown_signal(),
         Notifier::from_env().map(Arc::new),
-        ModelCheck::with_this_binary(),
+        model_check,
     )
     .await
 }
