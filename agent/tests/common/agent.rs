@@ -166,7 +166,9 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
 
 /// The end of the agent's log in `dir`, for failure messages.
 pub fn log_tail(dir: &Path) -> String {
-    let log = std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default();
+    // Lossy: a SIGKILL can cut a line in the middle of a character.
+    let bytes = std::fs::read(dir.join("agent.log")).unwrap_or_default();
+    let log = String::from_utf8_lossy(&bytes);
     let lines: Vec<&str> = log.lines().collect();
     lines[lines.len().saturating_sub(40)..].join("\n")
 }
