@@ -168,6 +168,8 @@ async fn run_pipeline(
     tokio::spawn(driver);
 
     // The uplink: what the agent learns waits in the outbox until the server has it.
+    let uplink_stats = Arc::new(UplinkStats::default());
+    metrics.attach_uplink(uplink_stats.clone());
     let uplink = tokio::spawn(uplink::run(
         outbox.clone(),
         handle.clone(),
@@ -180,7 +182,7 @@ async fn run_pipeline(
             ack_timeout: std::time::Duration::from_millis(config.outbox.ack_timeout_ms),
             ..UplinkConfig::default()
         },
-        Arc::new(UplinkStats::default()),
+        uplink_stats,
     ));
     let (telemetry_stop, telemetry_stopped) = tokio::sync::watch::channel(false);
     let telemetry = tokio::spawn(

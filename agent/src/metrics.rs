@@ -19,6 +19,7 @@ use fleet_protocol::histogram::{bucket_upper_us, LatencyHistogram};
 use fleet_protocol::{ModelName, ModelVersion};
 
 use crate::link::LinkStats;
+use crate::uplink::UplinkStats;
 
 /// Error kind label for a request the model refused (wrong type, shape, malformed JSON).
 pub const KIND_BAD_REQUEST: &str = "bad_request";
@@ -76,6 +77,8 @@ pub struct Metrics {
     samples: Mutex<BTreeMap<(ModelName, &'static str), u64>>,
     /// The MQTT link's counters, once the link exists (the API starts before it).
     link: OnceLock<Arc<LinkStats>>,
+    /// The uplink's counters, once the uplink runs.
+    uplink: OnceLock<Arc<UplinkStats>>,
 }
 
 /// Locks a mutex even if a thread panicked while holding it: every update is a few integer
@@ -137,6 +140,12 @@ impl Metrics {
         let _ = self.link.set(stats);
     }
 
+    /// Makes the uplink's counters (batches, acknowledgements, resends) part of `/metrics`.
+    /// Only the first call has an effect.
+    pub fn attach_uplink(&self, stats: Arc<UplinkStats>) {
+        let _ = self.uplink.set(stats);
+    }
+
     pub fn installs(&self) -> BTreeMap<&'static str, u64> {
         lock(&self.installs).clone()
     }
@@ -170,6 +179,7 @@ impl Metrics {
             .collect();
         let installs = self.installs();
         let link = self.link.get();
+        let uplink = self.uplink.get();
         let samples = self.samples();
 
         let mut out = String::new();
@@ -309,6 +319,40 @@ impl Metrics {
                 );
             }
         }
+
+        if let Some(uplink) = uplink {
+            let counters = [
+                (
+                    "driftgate_uplink_batches_sent_total",
+                    "Outbox batches published to the server, resends included.",
+                    &uplink.batches_sent,
+                ),
+                (
+                    "driftgate_uplink_items_sent_total",
+                    "Outbox items published to the server, resends included.",
+                    &uplink.items_sent,
+                ),
+                (
+                    "driftgate_uplink_items_acknowledged_total",
+                    "Outbox items the server acknowledged, deleted from the outbox.",
+                    &uplink.items_acknowledged,
+                ),
+                (
+                    "driftgate_uplink_resends_total",
+                    "Rewinds to the last acknowledged item after a reconnect or a late ack.",
+                    &uplink.resends,
+                ),
+                (
+                    "driftgate_uplink_bad_acks_total",
+                    "Acks dropped as malformed or naming ids never given.",
+                    &uplink.bad_acks,
+                ),
+            ];
+            for (name, help, counter) in counters {
+                header(&mut out, name, "counter", help);
+                sample(&mut out, name, &[], counter.load(Ordering::Relaxed) as f64);
+            }
+        }
         out
     }
 }
@@ -436,6 +480,9 @@ mod tests {
         link.record_dropped("directive", "bad_signature");
         link.connects.fetch_add(2, Ordering::Relaxed);
         m.attach_link(link);
+        let uplink = Arc::new(UplinkStats::default());
+        uplink.items_acknowledged.fetch_add(7, Ordering::Relaxed);
+        m.attach_uplink(uplink);
         let text = m.render_prometheus();
 
         let labels = r#"model="cancer-logreg",version="v1""#;
@@ -453,6 +500,8 @@ mod tests {
             r#"driftgate_dropped_messages_total{topic="directive",reason="bad_signature"} 1"#
                 .to_string(),
             "driftgate_link_connects_total 2".to_string(),
+            "driftgate_uplink_items_acknowledged_total 7".to_string(),
+            "driftgate_uplink_resends_total 0".to_string(),
         ] {
             assert!(
                 text.lines().any(|l| l == line),

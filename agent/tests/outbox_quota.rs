@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::agent::{infer_matches_self_test, log_tail, write_config, Agent};
+use common::agent::{infer_matches_self_test, link_metrics, log_tail, write_config, Agent};
 use common::proxy::{Cut, Proxy};
 use common::receiver::Receiver;
 use common::{sample_manifest, Control, Faults, Responder};
@@ -114,9 +114,13 @@ async fn a_long_offline_period_stays_under_quota_and_reports_evictions() {
         proxy.restore();
         // Wait until the eviction report and every inference's telemetry have arrived.
         let restored = Instant::now();
-        let (evicted, counted, events, samples) = loop {
-            let (evicted, counted, events, samples) = {
+        let (evicted, counted, events, samples, drained) = loop {
+            let (evicted, counted, events, samples, drained) = {
                 let items = receiver.items.lock().unwrap();
+                // The evicted ids leave gaps for good: the acks must move past them, or the
+                // outbox would never drain.
+                let drained = items.keys().next_back().copied().unwrap_or(0)
+                    <= receiver.acked.load(std::sync::atomic::Ordering::Relaxed);
                 let mut evicted: BTreeMap<String, u64> = BTreeMap::new();
                 let mut counted = 0u64;
                 let mut events = Vec::new();
@@ -134,19 +138,28 @@ async fn a_long_offline_period_stays_under_quota_and_reports_evictions() {
                         _ => {}
                     }
                 }
-                (evicted, counted, events, samples)
+                (evicted, counted, events, samples, drained)
             };
             // Every sample accounted for, too: kept samples and a later eviction report can
             // still be on their way when the first report arrives. A lost one times out below.
             let accounted = samples + evicted.get("sample").copied().unwrap_or(0);
-            let done =
-                counted >= SERVED_OFFLINE && !evicted.is_empty() && accounted >= SERVED_OFFLINE;
+            let done = counted >= SERVED_OFFLINE
+                && !evicted.is_empty()
+                && accounted >= SERVED_OFFLINE
+                && drained;
             if done || restored.elapsed() > Duration::from_secs(60) {
-                break (evicted, counted, events, samples);
+                break (evicted, counted, events, samples, drained);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
-        let context = log_tail(dir.path());
+        let context = format!(
+            "the receiver had {} deliveries and acked up to {}; the agent's counters:\n{}\n\
+             the agent's log:\n{}",
+            receiver.deliveries.lock().unwrap(),
+            receiver.acked.load(std::sync::atomic::Ordering::Relaxed),
+            link_metrics(api_port),
+            log_tail(dir.path())
+        );
         eprintln!(
             "served {SERVED_OFFLINE} offline in {serving_took:?}; largest outbox {largest} bytes \
              (quota {QUOTA}); after the reconnect: {samples} samples kept, evicted {evicted:?}, \
@@ -178,6 +191,10 @@ async fn a_long_offline_period_stays_under_quota_and_reports_evictions() {
         // still counted.
         assert!(!evicted.contains_key("telemetry"), "{evicted:?}");
         assert_eq!(counted, SERVED_OFFLINE, "telemetry counts every inference");
+        assert!(
+            drained,
+            "every item received was acknowledged, past the evicted ids\n{context}"
+        );
         // The agent served throughout.
         infer_matches_self_test(api_port, &manifest);
     }

@@ -144,6 +144,23 @@ pub fn infer_matches_self_test(api_port: u16, manifest: &Manifest) -> Vec<Tensor
     outputs
 }
 
+/// The link's and the uplink's counters from the agent's `/metrics`, one per line: what a
+/// test that waited in vain for uploads should show.
+pub fn link_metrics(api_port: u16) -> String {
+    let (status, text) = http(api_port, "GET", "/metrics", b"");
+    if status != 200 {
+        return format!("/metrics answered {status}: {text}");
+    }
+    text.lines()
+        .filter(|line| {
+            line.starts_with("driftgate_link_")
+                || line.starts_with("driftgate_uplink_")
+                || line.starts_with("driftgate_dropped_messages_total")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// Polls until the API answers `/v2/health/live`.
 pub fn wait_for_api(api_port: u16) {
     for _ in 0..500 {
@@ -169,6 +186,38 @@ pub fn log_tail(dir: &Path) -> String {
     // Lossy: a SIGKILL can cut a line in the middle of a character.
     let bytes = std::fs::read(dir.join("agent.log")).unwrap_or_default();
     let log = String::from_utf8_lossy(&bytes);
-    let lines: Vec<&str> = log.lines().collect();
+    let lines = fold_repeats(log.lines());
     lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+/// Folds runs of lines that say the same thing (say, a reconnect warning every second of an
+/// outage) into their first line and a count, so that a tail shows what happened around them.
+/// Lines say the same thing when they agree up to their first field (`name=value`).
+fn fold_repeats<'a>(lines: impl Iterator<Item = &'a str>) -> Vec<String> {
+    fn message(line: &str) -> &str {
+        // tracing's plain format: timestamp, level, target, message, fields.
+        let without_time = line.split_once(' ').map_or(line, |(_, rest)| rest);
+        without_time.split('=').next().unwrap_or(without_time)
+    }
+    let mut folded: Vec<String> = Vec::new();
+    let mut last_message: Option<&str> = None;
+    let mut repeats = 0usize;
+    let flush = |folded: &mut Vec<String>, repeats: &mut usize| {
+        if *repeats > 0 {
+            folded.push(format!("  … and {repeats} more like the line above"));
+            *repeats = 0;
+        }
+    };
+    for line in lines {
+        let message = message(line);
+        if last_message == Some(message) {
+            repeats += 1;
+            continue;
+        }
+        flush(&mut folded, &mut repeats);
+        folded.push(line.to_string());
+        last_message = Some(message);
+    }
+    flush(&mut folded, &mut repeats);
+    folded
 }

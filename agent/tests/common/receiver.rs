@@ -10,7 +10,11 @@ use fleet_protocol::{decode, encode, DeviceId, TopicKind, Topics, V1};
 use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS};
 
 /// The server's side of the uplink: stores items by id (a resent item is stored once) and
-/// acks the highest id below which it holds everything. Can be told to send junk first.
+/// acks by the server's rule: a batch that follows on from what was acked (its `after` is at
+/// most the acked id) moves the ack to its last id; any other batch gets the old ack again,
+/// so a lost batch is resent rather than skipped. Ids the outbox evicted leave gaps that
+/// never close, which is why "everything below the first gap" would not do. Can be told to
+/// send junk first.
 pub struct Receiver {
     pub items: Arc<Mutex<BTreeMap<u64, Item>>>,
     /// Items received, resends included.
@@ -29,10 +33,7 @@ impl Receiver {
         let (client, mut eventloop) = AsyncClient::new(options, 64);
         let topics = Topics::default();
         let device = DeviceId::new(device).unwrap();
-        client
-            .subscribe(topics.topic(&device, TopicKind::Up), QoS::AtLeastOnce)
-            .await
-            .unwrap();
+        let up_topic = topics.topic(&device, TopicKind::Up);
         let items = Arc::new(Mutex::new(BTreeMap::new()));
         let deliveries = Arc::new(Mutex::new(0));
         let conflicts = Arc::new(Mutex::new(Vec::new()));
@@ -46,17 +47,38 @@ impl Receiver {
         // The event loop runs in a task of its own, so the acks go out while the processing
         // task waits.
         let (batches_tx, mut batches) = tokio::sync::mpsc::unbounded_channel();
+        // Subscribes on every ConnAck: a reconnect of this clean-session client would
+        // otherwise leave it deaf, and a test waiting for items would time out for a reason
+        // that is not the agent's.
+        let subscriber = client.clone();
+        let (subscribed_tx, mut subscribed) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             loop {
                 match eventloop.poll().await {
+                    Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
+                        if let Err(e) = subscriber.try_subscribe(&up_topic, QoS::AtLeastOnce) {
+                            eprintln!("receiver: cannot subscribe to {up_topic}: {e}");
+                        }
+                    }
+                    Ok(MqttEvent::Incoming(Packet::SubAck(_))) => {
+                        subscribed_tx.send_replace(true);
+                    }
                     Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
                         let _ = batches_tx.send(p.payload);
                     }
                     Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    Err(e) => {
+                        eprintln!("receiver: connection to the broker lost: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await
+                    }
                 }
             }
         });
+        // Batches published before the subscription would wait for the agent's ack timeout.
+        tokio::time::timeout(Duration::from_secs(10), subscribed.wait_for(|done| *done))
+            .await
+            .expect("the receiver subscribed within 10 s")
+            .expect("the receiver's event loop runs");
         tokio::spawn(async move {
             let ack_topic = topics.topic(&device, TopicKind::Ack);
             let mut junk = junk_acks.into_iter();
@@ -70,7 +92,11 @@ impl Receiver {
                         continue;
                     }
                 };
-                let up_to = {
+                let last = batch.items.last().map_or(0, |item| item.id);
+                let follows_on = batch
+                    .after
+                    .is_none_or(|after| after <= acked_up_to.load(Ordering::Relaxed));
+                {
                     let mut store = store.lock().unwrap();
                     *count.lock().unwrap() += batch.items.len() as u64;
                     for item in batch.items {
@@ -84,16 +110,7 @@ impl Receiver {
                             }
                         }
                     }
-                    // Everything below the first gap.
-                    let mut up_to = 0;
-                    for id in store.keys() {
-                        if *id != up_to + 1 {
-                            break;
-                        }
-                        up_to = *id;
-                    }
-                    up_to
-                };
+                }
                 if let Some(junk) = junk.next() {
                     let _ = client
                         .publish(&ack_topic, QoS::AtLeastOnce, false, junk)
@@ -102,7 +119,13 @@ impl Receiver {
                     // turn before the real ack replaces it.
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                acked_up_to.fetch_max(up_to, Ordering::Relaxed);
+                if follows_on {
+                    acked_up_to.fetch_max(last, Ordering::Relaxed);
+                }
+                let up_to = acked_up_to.load(Ordering::Relaxed);
+                if up_to == 0 {
+                    continue;
+                }
                 let ack = encode(&Ack { v: V1, up_to });
                 let _ = client
                     .publish(&ack_topic, QoS::AtLeastOnce, false, ack)
