@@ -15,9 +15,8 @@
 //! Versions already installed (at start-up, on a local rollback) passed this check when they
 //! were installed and load in process.
 //!
-//! The isolation is opt-in (`[check] isolate = true`) until an open flake is understood: with
-//! it on, `agent/tests/crash_safety.rs::sigkill_around_activation_never_leaves_a_partial_version`
-//! sometimes finds the agent restarted after a SIGKILL during the check not answering.
+//! The isolation is on by default (`[check] isolate`). The child dies with the agent
+//! (`PR_SET_PDEATHSIG`), so a check never outlives the agent that asked for it.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -143,6 +142,32 @@ fn peak_rss_kib() -> u64 {
     u64::try_from(usage.ru_maxrss).unwrap_or(0)
 }
 
+/// Makes the child die with the agent. A check outliving its agent (killed, or crashed)
+/// would go on using up to `[check] max_memory_mib` beside the restarted agent's own check,
+/// for a result nobody reads.
+#[cfg(target_os = "linux")]
+fn die_with_this_process(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id();
+    // SAFETY: the closure runs in the forked child before exec and only makes two system
+    // calls (prctl, getppid), both async-signal-safe; it allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The agent may have died between the fork and the prctl: then no signal comes.
+            if libc::getppid() as u32 != parent {
+                return Err(std::io::Error::other("the agent is gone"));
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn die_with_this_process(_command: &mut Command) {}
+
 /// Why the parent could not learn anything from a child.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckError {
@@ -178,6 +203,7 @@ pub fn check_in_child(
     for key in &config.trust.release_keys {
         command.arg("--release-key").arg(key);
     }
+    die_with_this_process(&mut command);
     // The reason is read off the child's stderr: a panic's message, not its backtrace.
     let mut child = command
         .env("RUST_BACKTRACE", "0")

@@ -41,9 +41,9 @@
 //! keep_versions = 3                    # default 3 per model (never the active or previous one)
 //!
 //! [check]                              # where a new version first loads and self-tests
-//! isolate = false                      # default false: in the agent's process; true: in a
-//!                                      # child process bounded by the two settings below, so
-//!                                      # that a model bomb fails the install, not the agent
+//! isolate = true                       # default true: in a child process bounded by the
+//!                                      # two settings below, so that a model bomb fails the
+//!                                      # install, not the agent; false: in the agent's process
 //! max_memory_mib = 1024                # default 1 GiB: address space that load may take
 //! timeout_secs = 120                   # default 120 s for loading and the self-test
 //!
@@ -341,10 +341,8 @@ pub struct StoreConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CheckConfig {
-    /// Off by default until an open flake is understood: with it on, the SIGKILL-around-
-    /// activation test (`agent/tests/crash_safety.rs`) sometimes finds the restarted agent
-    /// not answering (issue 9's note).
-    #[serde(default)]
+    /// Load and self-test a new version in a child process first (`edge-agent check-model`).
+    #[serde(default = "default_true")]
     pub isolate: bool,
     #[serde(default = "default_check_memory")]
     pub max_memory_mib: u64,
@@ -468,7 +466,7 @@ impl Default for StoreConfig {
 impl Default for CheckConfig {
     fn default() -> Self {
         CheckConfig {
-            isolate: false,
+            isolate: true,
             max_memory_mib: default_check_memory(),
             timeout_secs: default_check_timeout(),
         }

@@ -11,6 +11,7 @@
 //! the first second even with no broker in sight.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
@@ -73,6 +74,29 @@ pub async fn run_until(
 ) -> Result<()> {
     // Another program's process: it has no `check-model` subcommand to run.
     run_pipeline(config, stop, None, ModelCheck::InProcess).await
+}
+
+/// How long a restarted agent waits for its API address to come free.
+const API_ADDRESS_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Binds the inference API, waiting a little while the address is in use. Right after a
+/// crash the previous run's listening socket can outlive it for a moment: a child it was
+/// starting holds a copy of every descriptor until its `exec` closes them. A supervisor
+/// restarting the agent at once would otherwise see it fail for nothing.
+async fn bind_api(address: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let started = std::time::Instant::now();
+    loop {
+        match tokio::net::TcpListener::bind(address).await {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && started.elapsed() < API_ADDRESS_WAIT =>
+            {
+                tracing::warn!(%address, "the API address is in use; trying again");
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+            result => return result,
+        }
+    }
 }
 
 async fn run_pipeline(
@@ -143,7 +167,7 @@ async fn run_pipeline(
         outbox.clone(),
         metrics.clone(),
     ));
-    let listener = tokio::net::TcpListener::bind(config.api.listen)
+    let listener = bind_api(config.api.listen)
         .await
         .with_context(|| format!("api.listen {}", config.api.listen))?;
     tracing::info!(address = %listener.local_addr()?, "inference API listening");

@@ -73,7 +73,7 @@ const RUNNING_SUM_CEILING: f32 = 16_777_216.0;
 
 /// Model bombs signed by the release key: a few hundred bytes whose self-test needs 16 GiB,
 /// and one that needs 2 GiB (which this machine would grant, and a device must not: the
-/// agent checks new versions in a child process, `[check] isolate = true`, and its
+/// agent checks new versions in a child process, `[check] isolate`, on by default, and its
 /// `max_memory_mib` is 256 here). Each is refused at its self-test with a
 /// reason that names the limit and the allocation, the agent process lives on, and the
 /// device serves v1 throughout.
@@ -100,7 +100,7 @@ fn model_bombs_are_refused_and_the_device_keeps_serving() {
     push(&fleet, &large);
 
     let mut device = fleet.enroll("target-1", &[]);
-    device.configure("[check]\nisolate = true\nmax_memory_mib = 256\n");
+    device.configure("[check]\nmax_memory_mib = 256\n");
     device.start();
     fleet.fleetctl(&["device", "assign", "target-1", "digits-mlp@v1"]);
     wait_for("v1 served", Duration::from_secs(60), || {

@@ -161,10 +161,24 @@ pub fn link_metrics(api_port: u16) -> String {
         .join("\n")
 }
 
-/// Polls until the API answers `/v2/health/live`.
+/// Polls until the API answers `/v2/health/live` with 200. An accepted connection is not
+/// enough: right after a SIGKILL the killed agent's listening socket can linger for a few
+/// milliseconds (held by a child it was starting, until that child's `exec`), accept, and
+/// then reset.
 pub fn wait_for_api(api_port: u16) {
+    use std::io::{Read, Write};
+    let live = || -> std::io::Result<bool> {
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", api_port))?;
+        stream.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
+        stream.write_all(
+            b"GET /v2/health/live HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n",
+        )?;
+        let mut status_line = [0u8; 12];
+        stream.read_exact(&mut status_line)?;
+        Ok(status_line.starts_with(b"HTTP/1.1 200"))
+    };
     for _ in 0..500 {
-        if std::net::TcpStream::connect(("127.0.0.1", api_port)).is_ok() {
+        if matches!(live(), Ok(true)) {
             return;
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
