@@ -22,6 +22,7 @@ use fleet_protocol::{encode, KeyRing, TopicKind, V1};
 use crate::check::ModelCheck;
 use crate::config::AgentConfig;
 use crate::directive::{check_model, model_ref, AcceptedDirective, CheckedModel, Controller};
+use crate::disk::DiskWatch;
 use crate::drift::DriftReporter;
 use crate::health::HealthProbe;
 use crate::link::{self, AGENT_VERSION};
@@ -154,14 +155,25 @@ async fn run_pipeline(
     let metrics = Arc::new(Metrics::new());
     // The outbox: what the agent learns waits on disk until the server has it.
     let outbox_path = config.data_dir.join("outbox.db");
-    let outbox = Outbox::open(
-        &outbox_path,
-        OutboxLimits {
-            quota_bytes: config.outbox.quota_bytes,
-        },
-    )
-    .with_context(|| format!("outbox {}", outbox_path.display()))?;
-    let (outbox, outbox_thread) = outbox::spawn(outbox);
+    let outbox_limits = OutboxLimits {
+        quota_bytes: config.outbox.quota_bytes,
+    };
+    // The data disk: a full one stops writes, not serving; the state says so.
+    let disk = Arc::new(DiskWatch::new(&config.data_dir));
+    disk.check();
+    let disk_task = tokio::spawn(disk.clone().run(crate::disk::CHECK_PERIOD));
+    let (outbox, outbox_thread) = match Outbox::open(&outbox_path, outbox_limits) {
+        Ok(outbox) => outbox::spawn(outbox.with_disk_watch(disk.clone())),
+        // Started on a full disk: serve now, open the outbox once there is room.
+        Err(e) if e.is_disk_full() => {
+            tracing::warn!(error = %e, "the outbox cannot be opened on the full disk; serving without it until there is room");
+            disk.write_failed("outbox", &e);
+            outbox::spawn_when_open(outbox_path.clone(), outbox_limits, disk.clone())
+        }
+        Err(e) => {
+            return Err(anyhow::Error::new(e).context(format!("outbox {}", outbox_path.display())))
+        }
+    };
     let sampler = Arc::new(Sampler::new(
         config.sampler.clone(),
         outbox.clone(),
@@ -213,6 +225,7 @@ async fn run_pipeline(
         TelemetryRecorder::new(metrics.clone(), table.clone(), outbox.clone())
             .with_health(HealthProbe::new(&config.data_dir), handle.stats.clone())
             .with_sampler(sampler)
+            .with_disk_watch(disk.clone())
             .run(
                 std::time::Duration::from_secs(config.telemetry.interval_secs),
                 telemetry_stopped,
@@ -241,7 +254,8 @@ async fn run_pipeline(
         serving,
     )
     .with_outbox(outbox.clone())
-    .with_model_check(model_check);
+    .with_model_check(model_check)
+    .with_disk_watch(disk);
     let controller = tokio::spawn(controller.run(inbound));
 
     stop.await;
@@ -269,6 +283,7 @@ async fn run_pipeline(
     handle.disconnect().await;
     controller.abort();
     uplink.abort();
+    disk_task.abort();
     let _ = controller.await;
     let _ = uplink.await;
     if let Some(task) = systemd_task {

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fleet_protocol::manifest::parse_semver;
 use fleet_protocol::outbox::{Event, EventKind, ItemBody};
-use fleet_protocol::state::{ModelRef, Refusal};
+use fleet_protocol::state::{Condition, ModelRef, Refusal};
 use fleet_protocol::trust::{check_release_order, verify_directive, verify_manifest};
 use fleet_protocol::{
     decode, encode, BlobRef, Directive, Envelope, InstallPhase, KeyRing, Manifest, ModelName,
@@ -32,15 +32,16 @@ use tokio::sync::mpsc;
 
 use crate::check::{self, CheckError, ModelCheck};
 use crate::config::{AgentConfig, ProbationConfig};
+use crate::disk::DiskWatch;
 use crate::drift::DriftMonitor;
 use crate::fetch;
 use crate::fsutil::atomic_write;
-use crate::link::{Inbound, LinkHandle, AGENT_VERSION};
+use crate::link::{Delivery, Inbound, LinkHandle, AGENT_VERSION};
 use crate::metrics::Metrics;
 use crate::outbox::OutboxHandle;
 use crate::runtime::Plan;
 use crate::serve::{ModelTable, ServingModel};
-use crate::store::{ModelStore, StoredModel};
+use crate::store::{ModelStore, StoreError, StoredModel};
 
 fn now_ms() -> i64 {
     SystemTime::now()
@@ -178,6 +179,14 @@ pub struct Controller {
     retry_wanted: bool,
     /// Where a new version first loads: in a child process under a memory limit, or here.
     model_check: ModelCheck,
+    /// The data disk's condition, reported in the state; none when the agent runs without.
+    disk: Option<Arc<DiskWatch>>,
+    /// A verified directive that could not be persisted for want of space: acted upon once
+    /// the disk has room (acting first would lose the replay protection across a restart).
+    /// Not acknowledged to the broker until then, so a restart gets it delivered again.
+    unpersisted: Option<Delivery>,
+    /// Set by `accept` when persisting failed for want of space.
+    persist_failed: bool,
 }
 
 /// How long an unsettled directive waits before it is taken up again when no reconnect
@@ -226,7 +235,17 @@ impl Controller {
             retry_wanted: false,
             outbox: None,
             model_check: ModelCheck::InProcess,
+            disk: None,
+            unpersisted: None,
+            persist_failed: false,
         }
+    }
+
+    /// Reports the data disk's condition, and takes up an install that failed for want of
+    /// space as soon as the disk has room again.
+    pub fn with_disk_watch(mut self, disk: Arc<DiskWatch>) -> Self {
+        self.disk = Some(disk);
+        self
     }
 
     /// Sends the open drift windows of a version that stopped serving: what it saw until the
@@ -275,6 +294,12 @@ impl Controller {
         self.resume_unsettled(&mut inbound.chunks).await;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut last_attempt = Instant::now();
+        // Without a watch, a channel that never changes.
+        let (_no_disk_watch, no_disk_changes) = tokio::sync::watch::channel(None);
+        let mut disk = self
+            .disk
+            .as_ref()
+            .map_or(no_disk_changes, |disk| disk.subscribe());
         loop {
             tokio::select! {
                 changed = inbound.directive.changed() => {
@@ -283,13 +308,7 @@ impl Controller {
                     }
                     let delivery = inbound.directive.borrow_and_update().clone();
                     if let Some(delivery) = delivery {
-                        let accepted = self.accept(delivery.payload()).await;
-                        // Acknowledged only now that the decision is on disk: a kill before
-                        // this point gets the directive delivered again.
-                        self.link.ack(&delivery);
-                        if let Some(directive) = accepted {
-                            self.apply(&directive, &mut inbound.chunks).await;
-                        }
+                        self.take_delivery(delivery, &mut inbound.chunks).await;
                     }
                 }
                 changed = inbound.connected.changed() => {
@@ -306,6 +325,18 @@ impl Controller {
                         }
                     }
                 }
+                Ok(()) = disk.changed() => {
+                    let room_again = disk.borrow_and_update().is_none();
+                    self.publish_state().await;
+                    let waiting = if room_again { self.unpersisted.take() } else { None };
+                    if let Some(delivery) = waiting {
+                        last_attempt = Instant::now();
+                        self.take_delivery(delivery, &mut inbound.chunks).await;
+                    } else if room_again && !self.accepted.settled {
+                        last_attempt = Instant::now();
+                        self.resume_unsettled(&mut inbound.chunks).await;
+                    }
+                }
                 _ = tick.tick() => {
                     self.check_probation().await;
                     if !self.accepted.settled && last_attempt.elapsed() >= RETRY_UNSETTLED_AFTER {
@@ -314,6 +345,28 @@ impl Controller {
                     }
                 }
             }
+        }
+    }
+
+    /// Accepts a delivered directive and acts on it.
+    async fn take_delivery(&mut self, delivery: Delivery, chunks: &mut mpsc::Receiver<Vec<u8>>) {
+        let accepted = self.accept(delivery.payload()).await;
+        if std::mem::take(&mut self.persist_failed) {
+            // Kept unacknowledged until it is on disk; a newer one replaces it.
+            if let Some(superseded) = self.unpersisted.replace(delivery) {
+                self.link.ack(&superseded);
+            }
+            return;
+        }
+        // Acknowledged only now that the decision is on disk: a kill before this point gets
+        // the directive delivered again.
+        self.link.ack(&delivery);
+        if let Some(directive) = accepted {
+            // A newer directive is on disk: one still waiting for room is moot.
+            if let Some(moot) = self.unpersisted.take() {
+                self.link.ack(&moot);
+            }
+            self.apply(&directive, chunks).await;
         }
     }
 
@@ -364,6 +417,21 @@ impl Controller {
         };
         if let Err(e) = accepted.save(&self.config.data_dir) {
             tracing::error!(error = %e, "cannot persist the accepted sequence; not acting on the directive");
+            if crate::disk::is_no_space(&e) {
+                if let Some(disk) = &self.disk {
+                    disk.write_failed("directive", &e);
+                    self.persist_failed = true;
+                }
+                self.refused = Some(Refusal {
+                    seq: Some(directive.seq),
+                    code: Condition::DISK_FULL.to_string(),
+                    reason: format!(
+                        "cannot persist the directive: {e}; it is acted upon when the disk has room"
+                    ),
+                    at_ms: now_ms(),
+                });
+                self.publish_state().await;
+            }
             return None;
         }
         self.accepted = accepted;
@@ -515,6 +583,12 @@ impl Controller {
                 Ok(staging)
             }
             Err(e) => {
+                if let fetch::FetchError::Io { cause, .. } = &e {
+                    if self.no_space(&format!("download of {name}"), cause) {
+                        // Keep what was staged: the download resumes from there.
+                        return Err(format!("{e}; will try again when the disk has room"));
+                    }
+                }
                 if matches!(
                     e,
                     fetch::FetchError::Mismatch(_) | fetch::FetchError::TooLong { .. }
@@ -534,6 +608,19 @@ impl Controller {
                 Err(e.to_string())
             }
         }
+    }
+
+    /// Whether `cause` is a full disk; if so, reports the condition and keeps the directive
+    /// unsettled, to be taken up again when the disk has room.
+    fn no_space(&mut self, what: &str, cause: &std::io::Error) -> bool {
+        if !crate::disk::is_no_space(cause) {
+            return false;
+        }
+        if let Some(disk) = &self.disk {
+            disk.write_failed(what, cause);
+        }
+        self.retry_wanted = true;
+        true
     }
 
     async fn refuse(&mut self, seq: Option<u64>, error: &TrustError) {
@@ -654,6 +741,14 @@ impl Controller {
                 &staging,
                 staged_profile.as_deref(),
             ) {
+                if let StoreError::Io { cause, .. } = &e {
+                    if self.no_space(&format!("install of {name}"), cause) {
+                        // Staged bytes stay for the retry, once there is room.
+                        return self
+                            .fail(&name, format!("{e}; will try again when the disk has room"))
+                            .await;
+                    }
+                }
                 self.store.remove_staging(&manifest.sha256);
                 if let Some(profile) = manifest.profile() {
                     self.store.remove_staging(&profile.sha256);
@@ -884,6 +979,12 @@ impl Controller {
             directive_seq: self.accepted.seq,
             models: self.models.values().cloned().collect(),
             refused: self.refused.clone(),
+            conditions: self
+                .disk
+                .as_ref()
+                .and_then(|disk| disk.condition())
+                .into_iter()
+                .collect(),
         }
     }
 

@@ -7,6 +7,7 @@ pub mod check; // a new model's first load and self-test, in a child process und
 pub mod config; // agent.toml: documented defaults, paths relative to the file, errors naming the field
 pub mod daemon; // wires the pipeline together and runs it until SIGTERM
 pub mod directive; // directive verification and the per-model install state machine, probation
+pub mod disk; // the data disk's condition: full or not, from failed writes and statvfs, reported in the state
 pub mod drift; // the drift monitor: per model version, windows of inputs and predictions vs the profile
 pub mod fetch; // chunked, windowed, resumable artifact download bounded by the manifest
 pub mod fsutil; // file helpers: crash-safe writes, streamed file digests

@@ -23,6 +23,8 @@ use std::path::{Path, PathBuf};
 use fleet_protocol::outbox::{Evictions, Item, ItemBody, Priority};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
+use crate::disk::DiskWatch;
+
 /// Why the outbox could not do what it was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {
@@ -36,6 +38,20 @@ pub enum OutboxError {
         path: PathBuf,
         cause: serde_json::Error,
     },
+}
+
+impl OutboxError {
+    /// Whether the disk had no room for the write (SQLite's `SQLITE_FULL`, or an I/O error
+    /// that says so).
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            OutboxError::Sqlite { cause, .. } => {
+                cause.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
+                    || cause.to_string().contains("No space left")
+            }
+            OutboxError::Encode { .. } => false,
+        }
+    }
 }
 
 /// The outbox's limits.
@@ -129,9 +145,17 @@ pub struct Outbox {
     /// The highest id `next_batch` has handed out: items up to it may be at the server already
     /// (sent, the ack not back yet), so evicting them could count as lost what was delivered.
     handed_out_up_to: std::cell::Cell<u64>,
+    /// Told when a write fails for want of space.
+    disk: Option<std::sync::Arc<DiskWatch>>,
 }
 
 impl Outbox {
+    /// Tells `disk` when a write fails because the disk is full.
+    pub fn with_disk_watch(mut self, disk: std::sync::Arc<DiskWatch>) -> Self {
+        self.disk = Some(disk);
+        self
+    }
+
     /// Opens (or creates) the outbox in `path`.
     pub fn open(path: &Path, limits: OutboxLimits) -> Result<Outbox, OutboxError> {
         let sqlite = |cause| OutboxError::Sqlite {
@@ -176,6 +200,7 @@ impl Outbox {
             limits,
             content_bytes: content_bytes.max(0) as u64,
             handed_out_up_to: std::cell::Cell::new(0),
+            disk: None,
         })
     }
 
@@ -623,10 +648,16 @@ pub struct OutboxHandle {
     pub dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
-/// The outbox thread is gone (it stopped after a storage error, or the agent is stopping).
+/// Why a request to the outbox thread got no answer.
 #[derive(Debug, thiserror::Error)]
-#[error("the outbox is not running: {0}")]
-pub struct OutboxGone(String);
+pub enum OutboxUnavailable {
+    /// The thread is gone (the agent is stopping): asking again is pointless.
+    #[error("the outbox is not running: {0}")]
+    Gone(String),
+    /// The thread tried and failed (a full disk, say): asking again later may work.
+    #[error("{0}")]
+    Failed(String),
+}
 
 impl OutboxHandle {
     /// Encodes an item (on the caller's thread, so encoding spreads over the writers) and
@@ -654,16 +685,16 @@ impl OutboxHandle {
     async fn ask<T>(
         &self,
         command: impl FnOnce(tokio::sync::oneshot::Sender<Result<T, String>>) -> Command,
-    ) -> Result<T, OutboxGone> {
+    ) -> Result<T, OutboxUnavailable> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.commands
             .send(command(reply))
             .await
-            .map_err(|_| OutboxGone("its queue is closed".into()))?;
+            .map_err(|_| OutboxUnavailable::Gone("its queue is closed".into()))?;
         answer
             .await
-            .map_err(|_| OutboxGone("it stopped before answering".into()))?
-            .map_err(OutboxGone)
+            .map_err(|_| OutboxUnavailable::Gone("it stopped before answering".into()))?
+            .map_err(OutboxUnavailable::Failed)
     }
 
     /// The oldest stored items after `after` (everything queued before this call included).
@@ -672,7 +703,7 @@ impl OutboxHandle {
         after: u64,
         max_items: usize,
         max_bytes: usize,
-    ) -> Result<Vec<Item>, OutboxGone> {
+    ) -> Result<Vec<Item>, OutboxUnavailable> {
         self.ask(|reply| Command::NextBatch {
             after,
             max_items,
@@ -682,18 +713,18 @@ impl OutboxHandle {
         .await
     }
 
-    pub async fn acknowledge(&self, up_to: u64) -> Result<u64, OutboxGone> {
+    pub async fn acknowledge(&self, up_to: u64) -> Result<u64, OutboxUnavailable> {
         self.ask(|reply| Command::Acknowledge { up_to, reply })
             .await
     }
 
     /// Stores the unreported eviction counters as an item; returns its id, if there was any.
-    pub async fn report_evictions(&self) -> Result<Option<u64>, OutboxGone> {
+    pub async fn report_evictions(&self) -> Result<Option<u64>, OutboxUnavailable> {
         self.ask(|reply| Command::TakeEvictions { reply }).await
     }
 
     /// Figures of the store, after everything queued before this call is committed.
-    pub async fn stats(&self) -> Result<OutboxStats, OutboxGone> {
+    pub async fn stats(&self) -> Result<OutboxStats, OutboxUnavailable> {
         self.ask(|reply| Command::Stats { reply }).await
     }
 }
@@ -701,40 +732,126 @@ impl OutboxHandle {
 /// Starts the outbox thread: it owns the connection, commits queued items in groups, and
 /// answers the uplink. It stops when every handle is dropped.
 pub fn spawn(outbox: Outbox) -> (OutboxHandle, std::thread::JoinHandle<()>) {
-    let (commands, mut queue) = tokio::sync::mpsc::channel(QUEUE_CAPACITY);
+    let (commands, queue) = tokio::sync::mpsc::channel(QUEUE_CAPACITY);
     let thread = std::thread::Builder::new()
         .name("outbox".into())
-        .spawn(move || {
-            let mut outbox = outbox;
-            let mut group: Vec<EncodedItem> = Vec::with_capacity(GROUP_COMMIT_MAX);
-            while let Some(first) = queue.blocking_recv() {
-                let mut next = Some(first);
-                // Gather what is queued: appends go into one transaction; any other command
-                // is answered after the appends queued before it are committed.
-                while let Some(command) = next.take() {
-                    match command {
-                        Command::Append(item) => {
-                            group.push(item);
-                            if group.len() < GROUP_COMMIT_MAX {
-                                next = queue.try_recv().ok();
-                            }
-                        }
-                        other => {
-                            outbox.commit_group(&mut group);
-                            outbox.answer(other);
-                            next = queue.try_recv().ok();
-                        }
-                    }
-                }
-                outbox.commit_group(&mut group);
-            }
-        })
+        .spawn(move || serve(outbox, queue))
         .expect("the outbox thread starts");
     let handle = OutboxHandle {
         commands,
         dropped: Default::default(),
     };
     (handle, thread)
+}
+
+/// How often an outbox that could not be opened for want of space is tried again.
+const REOPEN_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Items an outbox not yet open holds in memory; more are dropped and counted.
+const HELD_WHILE_CLOSED: usize = 4096;
+
+/// Like [`spawn`], for an outbox that cannot be opened now because the disk is full (SQLite
+/// needs room to open a log a crash left behind). The thread opens it as soon as it can;
+/// until then requests fail (the uplink tries again) and appends wait in memory (up to
+/// [`HELD_WHILE_CLOSED`]; beyond, they are dropped and counted), while the agent serves on.
+pub fn spawn_when_open(
+    path: PathBuf,
+    limits: OutboxLimits,
+    disk: std::sync::Arc<DiskWatch>,
+) -> (OutboxHandle, std::thread::JoinHandle<()>) {
+    let (commands, mut queue) = tokio::sync::mpsc::channel(QUEUE_CAPACITY);
+    let dropped: std::sync::Arc<std::sync::atomic::AtomicU64> = Default::default();
+    let dropped_while_closed = dropped.clone();
+    let thread = std::thread::Builder::new()
+        .name("outbox".into())
+        .spawn(move || {
+            let mut last_try = std::time::Instant::now();
+            let mut held: Vec<EncodedItem> = Vec::new();
+            let mut outbox = loop {
+                match queue.try_recv() {
+                    Ok(Command::Append(item)) => {
+                        if held.len() < HELD_WHILE_CLOSED {
+                            held.push(item);
+                        } else {
+                            dropped_while_closed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        continue;
+                    }
+                    Ok(other) => {
+                        other.refuse("the outbox is not open yet: the disk is full");
+                        continue;
+                    }
+                    Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => return,
+                    Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {}
+                }
+                if last_try.elapsed() >= REOPEN_EVERY {
+                    last_try = std::time::Instant::now();
+                    match Outbox::open(&path, limits) {
+                        Ok(outbox) => {
+                            tracing::info!(path = %path.display(), "the outbox is open");
+                            break outbox.with_disk_watch(disk);
+                        }
+                        Err(e) => {
+                            note_disk_full(Some(&disk), &e);
+                            tracing::debug!(error = %e, "the outbox cannot be opened yet");
+                        }
+                    }
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            };
+            outbox.commit_group(&mut held);
+            serve(outbox, queue)
+        })
+        .expect("the outbox thread starts");
+    let handle = OutboxHandle { commands, dropped };
+    (handle, thread)
+}
+
+/// The outbox thread's loop: until every handle is gone.
+fn serve(mut outbox: Outbox, mut queue: tokio::sync::mpsc::Receiver<Command>) {
+    let mut group: Vec<EncodedItem> = Vec::with_capacity(GROUP_COMMIT_MAX);
+    while let Some(first) = queue.blocking_recv() {
+        let mut next = Some(first);
+        // Gather what is queued: appends go into one transaction; any other command is
+        // answered after the appends queued before it are committed.
+        while let Some(command) = next.take() {
+            match command {
+                Command::Append(item) => {
+                    group.push(item);
+                    if group.len() < GROUP_COMMIT_MAX {
+                        next = queue.try_recv().ok();
+                    }
+                }
+                other => {
+                    outbox.commit_group(&mut group);
+                    outbox.answer(other);
+                    next = queue.try_recv().ok();
+                }
+            }
+        }
+        outbox.commit_group(&mut group);
+    }
+}
+
+impl Command {
+    /// Answers a request with `reason` instead of doing it.
+    fn refuse(self, reason: &str) {
+        let reason = reason.to_string();
+        match self {
+            Command::Append(_) => {}
+            Command::NextBatch { reply, .. } => drop(reply.send(Err(reason))),
+            Command::Acknowledge { reply, .. } => drop(reply.send(Err(reason))),
+            Command::TakeEvictions { reply } => drop(reply.send(Err(reason))),
+            Command::Stats { reply } => drop(reply.send(Err(reason))),
+        }
+    }
+}
+
+/// Reports a full disk to the watch, if that is what `error` is.
+fn note_disk_full(disk: Option<&DiskWatch>, error: &OutboxError) {
+    if let (Some(disk), true) = (disk, error.is_disk_full()) {
+        disk.write_failed("outbox", error);
+    }
 }
 
 impl Outbox {
@@ -745,12 +862,17 @@ impl Outbox {
         if let Err(e) = self.append_encoded(group) {
             // Losing telemetry beats stopping the agent; the error says why (disk full, …).
             tracing::error!(error = %e, items = group.len(), "outbox items could not be stored");
+            note_disk_full(self.disk.as_deref(), &e);
         }
         group.clear();
     }
 
     fn answer(&mut self, command: Command) {
-        let text = |e: OutboxError| e.to_string();
+        let disk = self.disk.clone();
+        let text = move |e: OutboxError| {
+            note_disk_full(disk.as_deref(), &e);
+            e.to_string()
+        };
         match command {
             Command::Append(..) => unreachable!("appends are grouped"),
             Command::NextBatch {

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use fleet_protocol::outbox::{ItemBody, Telemetry};
 use fleet_protocol::{ModelName, ModelVersion};
 
+use crate::disk::DiskWatch;
 use crate::health::HealthProbe;
 use crate::link::LinkStats;
 use crate::metrics::Metrics;
@@ -27,6 +28,7 @@ pub struct TelemetryRecorder {
     last: Instant,
     health: Option<(HealthProbe, Arc<LinkStats>)>,
     sampler: Option<Arc<Sampler>>,
+    disk: Option<Arc<DiskWatch>>,
 }
 
 impl TelemetryRecorder {
@@ -39,7 +41,16 @@ impl TelemetryRecorder {
             last: Instant::now(),
             health: None,
             sampler: None,
+            disk: None,
         }
+    }
+
+    /// Holds the counters while the data disk is full: they add up in memory, and the first
+    /// interval after the disk has room again reports the whole span, instead of items the
+    /// outbox could not store.
+    pub fn with_disk_watch(mut self, disk: Arc<DiskWatch>) -> Self {
+        self.disk = Some(disk);
+        self
     }
 
     /// Also sends the sampler's reservoirs whose window has ended at every flush (and all of
@@ -123,6 +134,9 @@ impl TelemetryRecorder {
         loop {
             tokio::select! {
                 _ = tick.tick() => {
+                    if self.disk.as_ref().is_some_and(|disk| disk.is_full()) {
+                        continue;
+                    }
                     self.flush();
                     if let Some(sampler) = &self.sampler {
                         sampler.flush(false);

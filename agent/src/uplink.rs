@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::link::LinkHandle;
-use crate::outbox::OutboxHandle;
+use crate::outbox::{OutboxHandle, OutboxUnavailable};
 
 /// How the uplink paces itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +59,38 @@ pub struct UplinkStats {
     pub bad_acks: AtomicU64,
 }
 
+/// Failures of the outbox the uplink lives through: a full disk fails writes (even deleting
+/// acknowledged items needs room in SQLite's log) until space returns. Each streak is logged
+/// once, and its end.
+#[derive(Default)]
+struct OutboxTrouble {
+    failing: bool,
+}
+
+impl OutboxTrouble {
+    /// Whether the uplink can go on after `error`; it cannot once the outbox is gone.
+    fn survive(&mut self, error: &OutboxUnavailable) -> bool {
+        match error {
+            OutboxUnavailable::Gone(_) => {
+                tracing::error!(%error, "uplink stopping");
+                false
+            }
+            OutboxUnavailable::Failed(_) => {
+                if !std::mem::replace(&mut self.failing, true) {
+                    tracing::warn!(%error, "the outbox fails; the uplink tries again");
+                }
+                true
+            }
+        }
+    }
+
+    fn cleared(&mut self) {
+        if std::mem::take(&mut self.failing) {
+            tracing::info!("the outbox works again; the uplink goes on");
+        }
+    }
+}
+
 /// Runs until the outbox or the link goes away.
 pub async fn run(
     outbox: OutboxHandle,
@@ -80,21 +112,24 @@ pub async fn run(
     let max_bytes = config.batch_bytes.clamp(1, limits::MAX_BATCH_BYTES / 2);
     let mut poll = tokio::time::interval(config.poll);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut trouble = OutboxTrouble::default();
 
     loop {
         if *connected.borrow() {
-            if let Err(e) = outbox.report_evictions().await {
-                tracing::error!(error = %e, "uplink stopping");
-                return;
+            match outbox.report_evictions().await {
+                Ok(_) => trouble.cleared(),
+                Err(e) => {
+                    if !trouble.survive(&e) {
+                        return;
+                    }
+                }
             }
             // Fill the window.
             while in_flight.len() < config.in_flight.max(1) {
                 let items = match outbox.next_batch(sent, max_items, max_bytes).await {
                     Ok(items) => items,
-                    Err(e) => {
-                        tracing::error!(error = %e, "uplink stopping");
-                        return;
-                    }
+                    Err(e) if trouble.survive(&e) => break,
+                    Err(_) => return,
                 };
                 let Some(last) = items.last().map(|item| item.id) else {
                     break;
@@ -146,10 +181,9 @@ pub async fn run(
                     // hostile server: deleting on its word would lose items.
                     let max_id = match outbox.stats().await {
                         Ok(stats) => stats.max_id,
-                        Err(e) => {
-                            tracing::error!(error = %e, "uplink stopping");
-                            return;
-                        }
+                        // A later ack says the same again.
+                        Err(e) if trouble.survive(&e) => continue,
+                        Err(_) => return,
                     };
                     if up_to > max_id {
                         stats.bad_acks.fetch_add(1, Ordering::Relaxed);
@@ -166,10 +200,9 @@ pub async fn run(
                     Ok(deleted) => {
                         stats.items_acknowledged.fetch_add(deleted, Ordering::Relaxed);
                     }
-                    Err(e) => {
-                        tracing::error!(error = %e, "uplink stopping");
-                        return;
-                    }
+                    // Nothing deleted: the items stay until a later ack deletes them.
+                    Err(e) if trouble.survive(&e) => continue,
+                    Err(_) => return,
                 }
                 acked = up_to;
                 sent = sent.max(acked);

@@ -320,6 +320,7 @@ impl SimAgent {
             directive_seq: self.accepted_seq,
             models: self.models.values().cloned().collect(),
             refused: None,
+            conditions: Vec::new(),
         }
     }
 

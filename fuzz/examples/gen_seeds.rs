@@ -14,7 +14,7 @@ use fleet_protocol::codec::{encode, WireMessage};
 use fleet_protocol::drift::{DriftWindow, FeatureWindow, PredictionWindow};
 use fleet_protocol::histogram::LatencyHistogram;
 use fleet_protocol::outbox::{Event, EventKind, Evictions, Health, LinkStats, Sample, Telemetry};
-use fleet_protocol::state::{ModelRef, Presence, Refusal};
+use fleet_protocol::state::{Condition, ModelRef, Presence, Refusal};
 use fleet_protocol::tensor::Dim;
 use fleet_protocol::*;
 
@@ -117,6 +117,11 @@ fn state() -> State {
             reason: "seq 6".into(),
             at_ms: SEED_NOW_MS,
         }),
+        conditions: vec![Condition {
+            code: Condition::DISK_FULL.into(),
+            detail: "data dir: 0 bytes free".into(),
+            since_ms: SEED_NOW_MS,
+        }],
     }
 }
 

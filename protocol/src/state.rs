@@ -23,6 +23,27 @@ pub struct State {
     /// The last directive refused, with the reason, so the server sees refusals.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refused: Option<Refusal>,
+    /// What is wrong with the device now, for example its data disk being full; empty when
+    /// nothing is. A condition stays listed until it has passed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// A lasting problem of the device that the operator should see.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Condition {
+    /// Stable label, for example [`Condition::DISK_FULL`].
+    pub code: String,
+    /// What the agent saw, for a person.
+    pub detail: String,
+    /// When the condition began.
+    pub since_ms: i64,
+}
+
+impl Condition {
+    /// The data disk has (almost) no space left: the outbox cannot store what the agent
+    /// learns, and a download cannot be staged. The agent goes on serving.
+    pub const DISK_FULL: &'static str = "disk_full";
 }
 
 /// A model version on the device.

@@ -8,7 +8,7 @@ use fleet_protocol::chunk::{decode_chunk, encode_chunk, ChunkHeader, ChunkStatus
 use fleet_protocol::drift::{DriftWindow, FeatureWindow, PredictionWindow};
 use fleet_protocol::histogram::{LatencyHistogram, BUCKETS};
 use fleet_protocol::outbox::{Event, EventKind, Evictions, Health, LinkStats, Sample, Telemetry};
-use fleet_protocol::state::{ModelRef, Presence, Refusal};
+use fleet_protocol::state::{Condition, ModelRef, Presence, Refusal};
 use fleet_protocol::tensor::Dim;
 use fleet_protocol::*;
 use proptest::collection::{btree_map, vec};
@@ -244,6 +244,11 @@ fn state() -> impl Strategy<Value = State> {
             reason,
             at_ms,
         });
+    let condition = (text(), text(), any::<i64>()).prop_map(|(code, detail, since_ms)| Condition {
+        code,
+        detail,
+        since_ms,
+    });
     (
         device_id(),
         text(),
@@ -251,9 +256,10 @@ fn state() -> impl Strategy<Value = State> {
         proptest::option::of(any::<u64>()),
         vec(model_state, 0..3),
         proptest::option::of(refusal),
+        vec(condition, 0..2),
     )
         .prop_map(
-            |(device, agent_version, at_ms, directive_seq, models, refused)| State {
+            |(device, agent_version, at_ms, directive_seq, models, refused, conditions)| State {
                 v: V1,
                 device,
                 agent_version,
@@ -261,6 +267,7 @@ fn state() -> impl Strategy<Value = State> {
                 directive_seq,
                 models,
                 refused,
+                conditions,
             },
         )
 }
