@@ -332,3 +332,255 @@ fn hostile_payloads_on_every_topic_the_server_reads_are_dropped_and_counted() {
     );
     fleet.assert_acked_items_stored("noisy");
 }
+
+/// A compromised broker (here: anyone holding the server's broker password, connected to
+/// Mosquitto's internal listener) injects directives to a real agent of a real fleet: one
+/// signed by a key that is not the fleet's, another device's real directive, the device's own
+/// earlier directive replayed, and one signed with the fleet key itself (stolen from the
+/// server's data dir) that expired a day ago. Each is refused with its code; the refusal
+/// reaches the server in the device's reported state; the device serves v2 throughout; and
+/// the server's next directive still installs, so nothing the attacker sent moved the
+/// device's sequence.
+#[test]
+fn directives_injected_through_a_compromised_broker_are_refused_and_reported() {
+    use fleet_protocol::{encode, SigningKey, Topics, DIRECTIVE_TYPE};
+
+    if !driftgate_tests::require_env(
+        "directives_injected_through_a_compromised_broker_are_refused_and_reported",
+        "DRIFTGATE_TEST_MOSQUITTO",
+        "Mosquitto, the broker whose internal listener the attacker uses",
+    ) {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let mut fleet = Fleet::start_with_mosquitto(work.path());
+    for version in ["v1", "v2", "v3"] {
+        fleet.push_sample("digits-mlp", version);
+    }
+    let mut victim = fleet.enroll("victim", &[]);
+    let mut other = fleet.enroll("other", &[]);
+    victim.start();
+    other.start();
+    let serves = |device: &mut common::Device, version: &str| {
+        wait_for(
+            &format!("{} serving {version}", device.id),
+            Duration::from_secs(60),
+            || {
+                device.assert_running();
+                (device.serving("digits-mlp").as_deref() == Some(version)).then_some(())
+            },
+        )
+    };
+    fleet.fleetctl(&["device", "assign", "victim", "digits-mlp@v1"]);
+    serves(&mut victim, "v1");
+
+    // The attacker listens first: it records the directives the server publishes (retained).
+    let internal_port = fleet.mosquitto().internal_port;
+    let password = std::fs::read_to_string(work.path().join("server-broker.pass")).unwrap();
+    let attacker = Attacker::connect(internal_port, password.trim());
+    let topics = Topics::default();
+    let topic = |device: &str| {
+        topics.topic(
+            &fleet_protocol::DeviceId::new(device).unwrap(),
+            fleet_protocol::TopicKind::Directive,
+        )
+    };
+    let victims_first = attacker.recorded(&topic("victim"), |d| d.seq >= 1);
+    fleet.fleetctl(&["device", "assign", "other", "digits-mlp@v1"]);
+    serves(&mut other, "v1");
+    let others = attacker.recorded(&topic("other"), |d| d.seq >= 1);
+    fleet.fleetctl(&["device", "assign", "victim", "digits-mlp@v2"]);
+    serves(&mut victim, "v2");
+    let victims_latest = attacker.recorded(&topic("victim"), |d| d.seq > victims_first.1.seq);
+
+    let stolen_fleet_key = fleet_protocol::keys::signing_key_from_pem(
+        &std::fs::read_to_string(fleet.data_dir.join("keys/fleet.pem")).unwrap(),
+    )
+    .unwrap();
+    let attackers_key = SigningKey::from_bytes(&[7u8; 32]);
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    // Each forgery asks for v1 again (a rollback the attacker would like), with a sequence
+    // above everything the device accepted, unless the attack is the sequence itself.
+    let forged = |key: &SigningKey, expires_at_ms: i64| {
+        let mut directive = victims_first.1.clone();
+        directive.seq = victims_latest.1.seq + 100;
+        directive.expires_at_ms = expires_at_ms;
+        if expires_at_ms < now_ms {
+            directive.issued_at_ms = expires_at_ms - 3_600_000;
+        }
+        for model in &mut directive.models {
+            model.rollback = true;
+        }
+        encode(&Envelope::sign(DIRECTIVE_TYPE, encode(&directive), key))
+    };
+    let attacks: [(&str, Vec<u8>, &str); 4] = [
+        (
+            "signed by a key that is not the fleet's",
+            forged(&attackers_key, now_ms + 3_600_000),
+            "unknown_key",
+        ),
+        (
+            "another device's directive",
+            others.0.clone(),
+            "wrong_device",
+        ),
+        (
+            "the device's own earlier directive, replayed",
+            victims_first.0.clone(),
+            "replayed_sequence",
+        ),
+        (
+            "signed with the stolen fleet key, expired a day ago",
+            forged(&stolen_fleet_key, now_ms - 86_400_000),
+            "expired",
+        ),
+    ];
+    for (what, payload, code) in attacks {
+        let before = fleet.device("victim")["device"]["state_at_ms"]
+            .as_i64()
+            .unwrap_or(0);
+        attacker.publish(&topic("victim"), payload);
+        let refused = wait_for(
+            &format!("the refusal of {what} reported to the server"),
+            Duration::from_secs(30),
+            || {
+                let device = fleet.device("victim")["device"].clone();
+                let fresh = device["state_at_ms"].as_i64()? > before;
+                let refused = device["state"]["refused"].clone();
+                (fresh && refused["code"] == code).then_some(refused)
+            },
+        );
+        eprintln!("{what}: refused as {code}: {}", refused["reason"]);
+        victim.assert_running();
+        assert_eq!(
+            victim.serving("digits-mlp").as_deref(),
+            Some("v2"),
+            "{what}"
+        );
+        assert_eq!(
+            fleet.reported_active("victim", "digits-mlp").as_deref(),
+            Some("v2"),
+            "{what}"
+        );
+        let request = common::sample_request("digits-mlp", "v2");
+        victim
+            .local()
+            .post_json("/v2/models/digits-mlp/infer", &request)
+            .unwrap_or_else(|e| panic!("v2 stops answering after {what}: {e}"));
+    }
+    // The agent counts them too, by reason.
+    let (status, metrics) =
+        driftgate_tests::http_request(victim.api_port, "GET", "/metrics", &[], b"");
+    assert_eq!(status, 200, "{metrics}");
+    for code in [
+        "unknown_key",
+        "wrong_device",
+        "replayed_sequence",
+        "expired",
+    ] {
+        let line =
+            format!("driftgate_dropped_messages_total{{topic=\"directive\",reason=\"{code}\"}} 1");
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line:?} in\n{metrics}"
+        );
+    }
+    // The server's own next directive is still the next in sequence.
+    fleet.fleetctl(&["device", "assign", "victim", "digits-mlp@v3"]);
+    serves(&mut victim, "v3");
+}
+
+/// An MQTT client on the broker's internal listener with the server's credentials: what a
+/// compromised broker (or a stolen broker password) can do.
+struct Attacker {
+    runtime: tokio::runtime::Runtime,
+    client: rumqttc::AsyncClient,
+    /// Every directive seen, by topic, as published.
+    seen: std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>,
+}
+
+impl Attacker {
+    fn connect(port: u16, password: &str) -> Attacker {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let mut options = rumqttc::MqttOptions::new("attacker", "127.0.0.1", port);
+        options.set_credentials("driftgate-server", password);
+        options.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut events) = rumqttc::AsyncClient::new(options, 16);
+        let seen: std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>> = Default::default();
+        let recorder = seen.clone();
+        let filter =
+            fleet_protocol::Topics::default().all_devices(fleet_protocol::TopicKind::Directive);
+        let subscriber = client.clone();
+        runtime.spawn(async move {
+            loop {
+                match events.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
+                        let _ = subscriber.try_subscribe(&filter, rumqttc::QoS::AtLeastOnce);
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                        recorder
+                            .lock()
+                            .unwrap()
+                            .push((p.topic.clone(), p.payload.to_vec()));
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        eprintln!("attacker: connection lost: {e}");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+        });
+        Attacker {
+            runtime,
+            client,
+            seen,
+        }
+    }
+
+    /// Waits for a directive on `topic` that `wanted` accepts; returns its payload and its
+    /// decoded contents.
+    fn recorded(
+        &self,
+        topic: &str,
+        wanted: impl Fn(&fleet_protocol::Directive) -> bool,
+    ) -> (Vec<u8>, fleet_protocol::Directive) {
+        wait_for(
+            &format!("a directive on {topic}"),
+            Duration::from_secs(30),
+            || {
+                let seen = self.seen.lock().unwrap();
+                seen.iter().rev().find_map(|(t, payload)| {
+                    if t != topic {
+                        return None;
+                    }
+                    let envelope: Envelope = fleet_protocol::decode(payload).ok()?;
+                    let directive: fleet_protocol::Directive =
+                        fleet_protocol::decode(&envelope.payload).ok()?;
+                    wanted(&directive).then(|| (payload.clone(), directive))
+                })
+            },
+        )
+    }
+
+    /// Publishes `payload` on `topic`, not retained (the device is online), and waits for
+    /// the broker's ack.
+    fn publish(&self, topic: &str, payload: Vec<u8>) {
+        let client = self.client.clone();
+        let topic = topic.to_string();
+        self.runtime
+            .block_on(async move {
+                client
+                    .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+                    .await
+            })
+            .expect("the attacker's publication is queued");
+    }
+}
