@@ -498,9 +498,12 @@ fn directives_injected_through_a_compromised_broker_are_refused_and_reported() {
 struct Attacker {
     runtime: tokio::runtime::Runtime,
     client: rumqttc::AsyncClient,
-    /// Every directive seen, by topic, as published.
-    seen: std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>,
+    /// Every directive seen, as published.
+    seen: Recording,
 }
+
+/// (topic, payload) of every publication the attacker saw.
+type Recording = std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
 
 impl Attacker {
     fn connect(port: u16, password: &str) -> Attacker {
@@ -513,7 +516,7 @@ impl Attacker {
         options.set_credentials("driftgate-server", password);
         options.set_max_packet_size(1 << 20, 1 << 20);
         let (client, mut events) = rumqttc::AsyncClient::new(options, 16);
-        let seen: std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>> = Default::default();
+        let seen: Recording = Default::default();
         let recorder = seen.clone();
         let filter =
             fleet_protocol::Topics::default().all_devices(fleet_protocol::TopicKind::Directive);
