@@ -49,14 +49,43 @@ pub enum ModelCheck {
 impl ModelCheck {
     /// Isolated checks with this very binary (an `edge-agent`), or in process when its path
     /// cannot be found.
+    /// Checks in a child process running this very binary, once a trial run shows that it
+    /// can: where it cannot (an ARM build run by qemu-user without binfmt, whose child the
+    /// kernel refuses to execute), new models load in process, with a warning.
     pub fn with_this_binary() -> ModelCheck {
-        match std::env::current_exe() {
-            Ok(program) => ModelCheck::Isolated { program },
+        let program = match std::env::current_exe() {
+            Ok(program) => program,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot find the agent's own binary; new models load in process, without a memory bound");
+                return ModelCheck::InProcess;
+            }
+        };
+        match runs_here(&program) {
+            Ok(()) => ModelCheck::Isolated { program },
+            Err(why) => {
+                tracing::warn!(program = %program.display(), %why, "the agent cannot start its own binary; new models load in process, without a memory bound");
                 ModelCheck::InProcess
             }
         }
+    }
+}
+
+/// Whether `program` starts here and is an edge-agent: it prints its version.
+fn runs_here(program: &Path) -> Result<(), String> {
+    let output = Command::new(program)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| e.to_string())?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if output.status.success() && stdout.starts_with("edge-agent ") {
+        Ok(())
+    } else {
+        Err(format!(
+            "`--version` gave {}: {:?}",
+            output.status,
+            stdout.trim().chars().take(200).collect::<String>()
+        ))
     }
 }
 
@@ -82,11 +111,16 @@ pub struct ChildArgs {
     /// Address space the check may take beyond what the process holds when it starts; 0 for
     /// no limit.
     pub max_memory_mib: u64,
+    /// The agent that asked: the check dies with it.
+    pub parent_pid: Option<u32>,
 }
 
 /// The child's side: caps its own address space, then loads and self-tests the version.
 /// Errors are part of the report; only the limit itself failing is an `Err`.
 pub fn run_child(args: &ChildArgs) -> std::io::Result<Report> {
+    if let Some(parent) = args.parent_pid {
+        die_with(parent)?;
+    }
     if args.max_memory_mib > 0 {
         limit_address_space(args.max_memory_mib.saturating_mul(1024 * 1024))?;
     }
@@ -107,6 +141,33 @@ fn load_and_test(args: &ChildArgs) -> Result<(), String> {
         .load(&args.model, &args.version, &keys)
         .map_err(|e| e.to_string())?;
     check_model(&stored).map(drop)
+}
+
+/// Makes this process die with `parent`, the agent. A check outliving its agent (killed, or
+/// crashed) would go on using up to `[check] max_memory_mib` beside the restarted agent's own
+/// check, for a result nobody reads. Set here, after `exec`, rather than between fork and
+/// exec: a `pre_exec` hook would make the standard library fork and `execvp`, and `execvp`
+/// runs a binary the kernel cannot execute (an ARM agent under qemu-user, without binfmt) as
+/// a shell script instead of failing. The signal comes when the thread that spawned this
+/// process ends: `check_in_child` waits for the check on that very thread.
+#[cfg(target_os = "linux")]
+fn die_with(parent: u32) -> std::io::Result<()> {
+    // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number and no pointers.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // The agent may have died before the prctl: then no signal comes.
+    if std::os::unix::process::parent_id() != parent {
+        return Err(std::io::Error::other(
+            "the agent that asked for the check is gone",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn die_with(_parent: u32) -> std::io::Result<()> {
+    Ok(())
 }
 
 /// Sets `RLIMIT_AS` to what the process maps now plus `extra` bytes, so that an allocation
@@ -142,32 +203,6 @@ fn peak_rss_kib() -> u64 {
     u64::try_from(usage.ru_maxrss).unwrap_or(0)
 }
 
-/// Makes the child die with the agent. A check outliving its agent (killed, or crashed)
-/// would go on using up to `[check] max_memory_mib` beside the restarted agent's own check,
-/// for a result nobody reads.
-#[cfg(target_os = "linux")]
-fn die_with_this_process(command: &mut Command) {
-    use std::os::unix::process::CommandExt;
-    let parent = std::process::id();
-    // SAFETY: the closure runs in the forked child before exec and only makes two system
-    // calls (prctl, getppid), both async-signal-safe; it allocates nothing.
-    unsafe {
-        command.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The agent may have died between the fork and the prctl: then no signal comes.
-            if libc::getppid() as u32 != parent {
-                return Err(std::io::Error::other("the agent is gone"));
-            }
-            Ok(())
-        });
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn die_with_this_process(_command: &mut Command) {}
-
 /// Why the parent could not learn anything from a child.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckError {
@@ -199,11 +234,12 @@ pub fn check_in_child(
         .arg(&config.data_dir)
         .args(["--model", model.as_str(), "--version", version.as_str()])
         .arg("--max-memory-mib")
-        .arg(limits.max_memory_mib.to_string());
+        .arg(limits.max_memory_mib.to_string())
+        .arg("--parent-pid")
+        .arg(std::process::id().to_string());
     for key in &config.trust.release_keys {
         command.arg("--release-key").arg(key);
     }
-    die_with_this_process(&mut command);
     // The reason is read off the child's stderr: a panic's message, not its backtrace.
     let mut child = command
         .env("RUST_BACKTRACE", "0")
@@ -333,6 +369,13 @@ fn death_reason(status: &std::process::ExitStatus, stderr: &str, max_memory_mib:
 mod tests {
     use super::*;
     use std::os::unix::process::ExitStatusExt;
+
+    #[test]
+    fn a_program_that_is_not_an_agent_does_not_run_checks() {
+        assert!(runs_here(Path::new("/nonexistent/edge-agent")).is_err());
+        let why = runs_here(Path::new("/bin/true")).unwrap_err();
+        assert!(why.contains("--version"), "{why}");
+    }
 
     #[test]
     fn an_allocation_failure_names_the_limit_and_the_allocation() {

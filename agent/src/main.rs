@@ -41,6 +41,9 @@ enum Command {
         /// Address space the check may take, in MiB; 0 for no limit.
         #[arg(long, default_value_t = 1024)]
         max_memory_mib: u64,
+        /// The agent that asked: the check dies with it.
+        #[arg(long)]
+        parent_pid: Option<u32>,
     },
 }
 
@@ -76,6 +79,7 @@ fn main() -> ExitCode {
             model,
             version,
             max_memory_mib,
+            parent_pid,
         } => {
             let args = edge_agent::check::ChildArgs {
                 data_dir,
@@ -83,6 +87,7 @@ fn main() -> ExitCode {
                 model,
                 version,
                 max_memory_mib,
+                parent_pid,
             };
             match edge_agent::check::run_child(&args) {
                 Ok(report) => {
@@ -97,7 +102,7 @@ fn main() -> ExitCode {
                         ExitCode::SUCCESS
                     };
                 }
-                Err(e) => Err(anyhow::Error::from(e).context("cannot limit the check's memory")),
+                Err(e) => Err(anyhow::Error::from(e).context("cannot set up the check's limits")),
             }
         }
         Command::CheckConfig { config } => AgentConfig::load(&config)
