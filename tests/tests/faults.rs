@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use common::{model_state, sample_request, Fleet, Load};
 use driftgate_tests::proxy::{Proxy, Shaping};
 use driftgate_tests::{require_env, wait_for};
-use serde_json::json;
+use serde_json::{json, Value};
 
 /// SIGKILL of the server while a staged rollout is under way: after the restart the rollout
 /// goes on from the stage it was in (the canary is not reached a second time, nor sent a new
@@ -513,4 +513,152 @@ fn logged_field(log: &str, marker: &str, field: &str) -> u64 {
     line.split_whitespace()
         .find_map(|word| word.strip_prefix(&prefix)?.parse().ok())
         .unwrap_or_else(|| panic!("no {field} in {line}"))
+}
+
+/// How many agents the reconnect test runs.
+const CROWD: usize = 500;
+/// How long the crowd may take to be back after the broker is (the target; measured in the
+/// test's output and `tests/README.md`).
+const CROWD_BACK_WITHIN: Duration = Duration::from_secs(60);
+
+/// 500 agents on one Mosquitto, which restarts (SIGTERM, then started again, as a service
+/// manager does): every agent is back within a bounded time, as the server sees it (online,
+/// with a presence from after the restart). The agents are the real pipeline
+/// (`edge_agent::daemon::run_until`, each with its own data dir, outbox, API and TLS session
+/// with its own certificate from `fleetctl device enroll`), run in this one process: 500
+/// processes would measure the machine's memory, not the reconnect.
+#[test]
+fn five_hundred_agents_reconnect_after_a_broker_restart() {
+    if !require_env(
+        "five_hundred_agents_reconnect_after_a_broker_restart",
+        "DRIFTGATE_TEST_MOSQUITTO",
+        "Mosquitto",
+    ) {
+        return;
+    }
+    // The agents' warnings and errors (a reconnect that fails, a status not sent), tagged
+    // with nothing but their text: 500 agents share this process.
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_writer(std::io::stderr)
+        .try_init();
+    let work = tempfile::tempdir().unwrap();
+    let mut fleet = Fleet::start_with_mosquitto(work.path());
+
+    let enrolling = Instant::now();
+    let configs: Vec<edge_agent::config::AgentConfig> = (0..CROWD)
+        .map(|i| {
+            let device = fleet.enroll(&format!("crowd-{i:03}"), &["crowd=yes"]);
+            let mut config =
+                edge_agent::config::AgentConfig::load(&device.bundle.join("agent.toml"))
+                    .expect("the bundle's agent.toml");
+            // Any free port: the test never calls their APIs.
+            config.api.listen = "127.0.0.1:0".parse().unwrap();
+            // Telemetry at the default pace, not the suite's 1 s.
+            config.telemetry.interval_secs = 10;
+            if (i + 1) % 100 == 0 {
+                eprintln!("enrolled {} of {CROWD}", i + 1);
+            }
+            config
+        })
+        .collect();
+    eprintln!("enrolled {CROWD} devices in {:?}", enrolling.elapsed());
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let agents: Vec<_> = configs
+        .into_iter()
+        .map(|config| {
+            let mut stopped = stopped.clone();
+            runtime.spawn(edge_agent::daemon::run_until(config, async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            }))
+        })
+        .collect();
+
+    // The crowd's devices not online since `since_ms`, as the server has them: (id,
+    // presence, presence_at_ms).
+    let api = fleet.api();
+    let not_back = |since_ms: i64| -> Vec<(String, Value, Value)> {
+        let list = api
+            .get("/api/v1/devices?label=crowd%3Dyes")
+            .expect("the device list");
+        list["devices"]
+            .as_array()
+            .expect("a list of devices")
+            .iter()
+            .filter(|d| {
+                d["presence"] != "online"
+                    || !d["presence_at_ms"]
+                        .as_i64()
+                        .is_some_and(|at| at >= since_ms)
+            })
+            .map(|d| {
+                (
+                    d["id"].as_str().unwrap_or_default().to_string(),
+                    d["presence"].clone(),
+                    d["presence_at_ms"].clone(),
+                )
+            })
+            .collect()
+    };
+    let online_since = |since_ms: i64| CROWD - not_back(since_ms).len();
+    let connecting = Instant::now();
+    wait_for(
+        &format!("all {CROWD} agents online"),
+        Duration::from_secs(180),
+        || (online_since(0) == CROWD).then_some(()),
+    );
+    eprintln!(
+        "all {CROWD} online {:?} after their start",
+        connecting.elapsed()
+    );
+
+    fleet.mosquitto().stop();
+    let restarted_ms = now_ms();
+    std::thread::sleep(Duration::from_secs(2));
+    fleet.mosquitto().start();
+    let back_from = Instant::now();
+    let mut progress = Instant::now();
+    let took = wait_for(
+        &format!("all {CROWD} agents back after the broker restart"),
+        CROWD_BACK_WITHIN,
+        || {
+            fleet.assert_server_running();
+            let back = online_since(restarted_ms);
+            if progress.elapsed() >= Duration::from_secs(5) {
+                eprintln!("{back} of {CROWD} back after {:?}", back_from.elapsed());
+                progress = Instant::now();
+            }
+            if back_from.elapsed() + Duration::from_secs(1) >= CROWD_BACK_WITHIN {
+                eprintln!("not back: {:?}", not_back(restarted_ms));
+            }
+            (back == CROWD).then(|| back_from.elapsed())
+        },
+    );
+    eprintln!(
+        "the broker was down 2 s; all {CROWD} agents were back {took:?} after it started again"
+    );
+
+    stop.send_replace(true);
+    runtime.block_on(async {
+        for agent in agents {
+            match tokio::time::timeout(Duration::from_secs(30), agent).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => panic!("an agent failed: {e:#}"),
+                Ok(Err(e)) => panic!("an agent panicked: {e}"),
+                Err(_) => panic!("an agent did not stop within 30 s"),
+            }
+        }
+    });
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
