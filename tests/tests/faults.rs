@@ -593,9 +593,7 @@ fn five_hundred_agents_reconnect_after_a_broker_restart() {
             .iter()
             .filter(|d| {
                 d["presence"] != "online"
-                    || !d["presence_at_ms"]
-                        .as_i64()
-                        .is_some_and(|at| at >= since_ms)
+                    || d["presence_at_ms"].as_i64().is_none_or(|at| at < since_ms)
             })
             .map(|d| {
                 (
