@@ -493,10 +493,12 @@ impl Controller {
     /// Acts on a verified, persisted directive, then records it as settled.
     async fn apply(&mut self, directive: &Directive, chunks: &mut mpsc::Receiver<Vec<u8>>) {
         let mut named = Vec::new();
+        let mut refused_any = false;
         for assignment in &directive.models {
             let manifest = match verify_manifest(&assignment.manifest, &self.release_keys) {
                 Ok(manifest) => manifest,
                 Err(e) => {
+                    refused_any = true;
                     tracing::warn!(error = %e, "manifest refused");
                     self.metrics.record_install("refused");
                     self.refused = Some(Refusal {
@@ -512,7 +514,13 @@ impl Controller {
             self.install(&assignment.manifest, manifest, assignment.rollback, chunks)
                 .await;
         }
-        self.retire_unnamed(&named);
+        // A refused manifest names a model nobody can trust the name of: the directive may
+        // have meant the very model served now, so it retires nothing.
+        if refused_any {
+            tracing::warn!("a manifest was refused: no model is retired by this directive");
+        } else {
+            self.retire_unnamed(&named);
+        }
         if !std::mem::take(&mut self.retry_wanted) {
             self.settle();
         }

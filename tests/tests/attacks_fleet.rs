@@ -339,8 +339,11 @@ fn hostile_payloads_on_every_topic_the_server_reads_are_dropped_and_counted() {
 /// earlier directive replayed, and one signed with the fleet key itself (stolen from the
 /// server's data dir) that expired a day ago. Each is refused with its code; the refusal
 /// reaches the server in the device's reported state; the device serves v2 throughout; and
-/// the server's next directive still installs, so nothing the attacker sent moved the
-/// device's sequence.
+/// the server's next directive (v3) still installs, so nothing the attacker sent moved the
+/// device's sequence. Last, with the stolen fleet key, directives that are accepted but carry
+/// a manifest signed by an unknown key, or a downgrade to v1 without the rollback flag: the
+/// first is refused as `unknown_key` (the manifest), the second fails its install as not a
+/// signed rollback, and v3 serves on.
 #[test]
 fn directives_injected_through_a_compromised_broker_are_refused_and_reported() {
     use fleet_protocol::{encode, SigningKey, Topics, DIRECTIVE_TYPE};
@@ -491,6 +494,83 @@ fn directives_injected_through_a_compromised_broker_are_refused_and_reported() {
     // The server's own next directive is still the next in sequence.
     fleet.fleetctl(&["device", "assign", "victim", "digits-mlp@v3"]);
     serves(&mut victim, "v3");
+
+    // With the fleet key itself stolen, a directive is accepted, and what it carries is still
+    // checked: a manifest signed by a key that is not a release key is refused, and so is a
+    // downgrade without the rollback flag. (Such a directive spends sequence numbers: the
+    // server's next ones are refused as replays until its own sequence passes them, which is
+    // why these come last; a stolen fleet key is rotated.)
+    let accepted_seq = || {
+        fleet.device("victim")["device"]["state"]["directive_seq"]
+            .as_u64()
+            .expect("the victim reports its accepted sequence")
+    };
+    let with_stolen_key = |seq: u64, rollback: bool, manifest: Envelope| {
+        let mut directive = victims_first.1.clone();
+        directive.seq = seq;
+        directive.issued_at_ms = now_ms;
+        directive.expires_at_ms = now_ms + 3_600_000;
+        directive.models.truncate(1);
+        directive.models[0].manifest = manifest;
+        directive.models[0].rollback = rollback;
+        encode(&Envelope::sign(
+            DIRECTIVE_TYPE,
+            encode(&directive),
+            &stolen_fleet_key,
+        ))
+    };
+    let v1_manifest = victims_first.1.models[0].manifest.clone();
+    let resigned = Envelope::sign(MANIFEST_TYPE, v1_manifest.payload.clone(), &attackers_key);
+    let before = fleet.device("victim")["device"]["state_at_ms"]
+        .as_i64()
+        .unwrap_or(0);
+    attacker.publish(
+        &topic("victim"),
+        with_stolen_key(accepted_seq() + 1, true, resigned),
+    );
+    let refused = wait_for(
+        "the refusal of a manifest signed by an unknown key",
+        Duration::from_secs(30),
+        || {
+            let device = fleet.device("victim")["device"].clone();
+            let refused = device["state"]["refused"].clone();
+            (device["state_at_ms"].as_i64()? > before
+                && refused["code"] == "unknown_key"
+                && refused["reason"].as_str()?.starts_with("manifest:"))
+            .then_some(refused)
+        },
+    );
+    eprintln!("a manifest signed by an unknown key: {}", refused["reason"]);
+    assert_eq!(victim.serving("digits-mlp").as_deref(), Some("v3"));
+
+    attacker.publish(
+        &topic("victim"),
+        with_stolen_key(accepted_seq() + 1, false, v1_manifest),
+    );
+    let phase = wait_for(
+        "the downgrade without a signed rollback to fail",
+        Duration::from_secs(30),
+        || {
+            let reported = fleet.device("victim");
+            let model = model_state(&reported["device"]["state"], "digits-mlp")?.clone();
+            (model["target"]["version"] == "v1" && model["phase"]["phase"] == "failed")
+                .then(|| model["phase"].clone())
+        },
+    );
+    eprintln!("a downgrade without a signed rollback: {}", phase["reason"]);
+    assert!(
+        phase["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("not a signed rollback"),
+        "{phase}"
+    );
+    victim.assert_running();
+    assert_eq!(victim.serving("digits-mlp").as_deref(), Some("v3"));
+    assert_eq!(
+        fleet.reported_active("victim", "digits-mlp").as_deref(),
+        Some("v3")
+    );
 }
 
 /// An MQTT client on the broker's internal listener with the server's credentials: what a
