@@ -168,3 +168,109 @@ async fn bad_messages_are_dropped_and_counted_and_serving_goes_on() {
         agent.kill();
     }
 }
+
+/// The sum of every `driftgate_dropped_messages_total` counter.
+fn dropped_in_all(api_port: u16) -> u64 {
+    let (status, text) = common::http(api_port, "GET", "/metrics", b"");
+    assert_eq!(status, 200);
+    text.lines()
+        .filter(|l| l.starts_with("driftgate_dropped_messages_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Issue 9: the fuzz corpus (`fuzz/seeds/`, `fuzz/regressions/`, each file whole and cut in
+/// half) replayed on every topic the agent reads, one payload at a time, by a publisher that
+/// is not the server. Each is dropped and counted, except the few that are valid messages of
+/// that very topic and need nothing done (an ack for items already acknowledged, a chunk reply
+/// no download asked for, which waits for one); the agent serves throughout and installs a
+/// good directive afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fuzz_corpus_on_every_topic_the_agent_reads_is_dropped_and_counted() {
+    for broker in
+        common::brokers("the_fuzz_corpus_on_every_topic_the_agent_reads_is_dropped_and_counted")
+    {
+        eprintln!("broker: {}", broker.name);
+        let device = "dev-corpus";
+        let dir = tempfile::tempdir().unwrap();
+        let api_port = common::free_port();
+        write_config(dir.path(), device, broker.port, api_port, "");
+        let (onnx, manifest) = sample_manifest("cancer-logreg", "v1", 1);
+        let (onnx2, manifest2) = sample_manifest("digits-mlp", "v1", 1);
+        let responder = Responder::start(broker.port, Faults::default()).await;
+        responder.add(onnx);
+        responder.add(onnx2);
+        let mut control = Control::start(broker.port, device).await;
+        let agent = Agent::start(dir.path());
+        control.wait_for("the agent's first state", |_| true).await;
+        control.install(device, 1, &manifest, false).await;
+
+        let mut options = MqttOptions::new("test-corpus-publisher", "127.0.0.1", broker.port);
+        options.set_max_packet_size(8 << 20, 8 << 20);
+        let (client, mut eventloop) = AsyncClient::new(options, 16);
+        tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+        let topics = Topics::default();
+        let device_id = DeviceId::new(device).unwrap();
+        let corpus = driftgate_tests::fuzz_corpus();
+
+        for kind in [TopicKind::Directive, TopicKind::Ack, TopicKind::Chunk] {
+            let topic = topics.topic(&device_id, kind);
+            let mut uncounted = Vec::new();
+            for (name, payload) in &corpus {
+                let before = dropped_in_all(api_port);
+                client
+                    .publish(&topic, QoS::AtLeastOnce, false, payload.clone())
+                    .await
+                    .unwrap();
+                // One at a time: directives go through a latest-wins slot, so a burst would
+                // have most of them superseded unread.
+                let deadline = Instant::now() + Duration::from_secs(2);
+                let counted = loop {
+                    let now = dropped_in_all(api_port);
+                    if now > before {
+                        break now - before;
+                    }
+                    if Instant::now() >= deadline {
+                        break 0;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                };
+                assert!(
+                    counted <= 1,
+                    "{name} on {kind} counted {counted} times\n{}",
+                    all_dropped(api_port)
+                );
+                if counted == 0 {
+                    uncounted.push(name.clone());
+                }
+            }
+            eprintln!(
+                "{kind}: {} of {} payloads dropped and counted; not counted: {uncounted:?}",
+                corpus.len() - uncounted.len(),
+                corpus.len()
+            );
+            // Only whole, valid messages of this topic's own kind may pass uncounted; every
+            // directive is verified, so on that topic nothing may.
+            let own_kind = match kind {
+                TopicKind::Directive => None,
+                TopicKind::Ack => Some("decode_messages/ack.json"),
+                _ => Some("chunk_reply/"),
+            };
+            for name in &uncounted {
+                assert!(
+                    own_kind.is_some_and(|own| name.starts_with(own))
+                        && !name.ends_with("(cut in half)"),
+                    "{name} on {kind} was neither dropped nor counted\n{}",
+                    all_dropped(api_port)
+                );
+            }
+            infer_matches_self_test(api_port, &manifest);
+        }
+        eprintln!("{}", all_dropped(api_port));
+
+        // A good directive still installs.
+        control.install(device, 2, &manifest2, false).await;
+        infer_matches_self_test(api_port, &manifest2);
+        agent.kill();
+    }
+}

@@ -34,6 +34,42 @@ pub fn workspace_root() -> PathBuf {
 }
 
 /// The Python interpreter to use: `$DRIFTGATE_PYTHON`, or `python3`.
+/// Every file of the fuzz corpus (`fuzz/seeds/`: valid messages of every kind;
+/// `fuzz/regressions/`: inputs that once crashed a decoder), each whole and cut in half, named
+/// by its path under the corpus root.
+pub fn fuzz_corpus() -> Vec<(String, Vec<u8>)> {
+    let mut payloads = Vec::new();
+    for dir in ["fuzz/seeds", "fuzz/regressions"] {
+        let root = workspace_root().join(dir);
+        let mut targets: Vec<PathBuf> = std::fs::read_dir(&root)
+            .expect("the fuzz corpus")
+            .map(|entry| entry.expect("a corpus dir").path())
+            .collect();
+        targets.sort();
+        for target in targets {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(&target)
+                .expect("a corpus dir")
+                .map(|entry| entry.expect("a corpus file").path())
+                .collect();
+            files.sort();
+            for path in files {
+                let bytes = std::fs::read(&path).expect("a corpus file");
+                let name = path
+                    .strip_prefix(&root)
+                    .unwrap_or(&path)
+                    .display()
+                    .to_string();
+                payloads.push((
+                    format!("{name} (cut in half)"),
+                    bytes[..bytes.len() / 2].to_vec(),
+                ));
+                payloads.push((name, bytes));
+            }
+        }
+    }
+    payloads
+}
+
 pub fn python() -> String {
     std::env::var("DRIFTGATE_PYTHON").unwrap_or_else(|_| "python3".to_string())
 }

@@ -160,27 +160,7 @@ const SERVER_READS: [fleet_protocol::TopicKind; 4] = [
 /// empty, binary noise, nesting 100,000 deep, a wrong version, 2 MiB (over every message
 /// limit, under the MQTT packet limit).
 fn hostile_payloads() -> Vec<(String, Vec<u8>)> {
-    let mut payloads = Vec::new();
-    for dir in ["fuzz/seeds", "fuzz/regressions"] {
-        let root = driftgate_tests::workspace_root().join(dir);
-        for target in std::fs::read_dir(&root).expect("the fuzz corpus") {
-            let target = target.expect("a corpus dir").path();
-            for file in std::fs::read_dir(&target).expect("a corpus dir") {
-                let path = file.expect("a corpus file").path();
-                let bytes = std::fs::read(&path).expect("a corpus file");
-                let name = path
-                    .strip_prefix(&root)
-                    .unwrap_or(&path)
-                    .display()
-                    .to_string();
-                payloads.push((
-                    format!("{name} (cut in half)"),
-                    bytes[..bytes.len() / 2].to_vec(),
-                ));
-                payloads.push((name, bytes));
-            }
-        }
-    }
+    let mut payloads = driftgate_tests::fuzz_corpus();
     let mut noise = vec![0u8; 4096];
     let mut rng = fastrand::Rng::with_seed(9);
     rng.fill(&mut noise);
