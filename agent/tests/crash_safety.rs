@@ -379,15 +379,24 @@ async fn a_version_that_breaks_its_clients_is_rolled_back_on_probation() {
         control.install(device, 2, &v4, false).await;
         infer_matches_self_test(api_port, &v4);
 
-        // v2's clients keep sending v2's requests.
+        // v2's clients keep sending v2's requests. v4 refuses each; once probation has judged
+        // (10 calls at least, checked every second) v2 is back and answers them. On a slow
+        // machine (qemu) that can happen before the 20th request, so the answers are a run of
+        // 400s, then only v2's 200s.
         let mut refused = 0;
-        for _ in 0..20 {
-            let (status, _, _, _) = infer(api_port, &v2);
-            if status == 400 {
-                refused += 1;
+        let mut answered_by_v2 = 0;
+        for i in 0..20 {
+            let (status, version, _, text) = infer(api_port, &v2);
+            match status {
+                400 if answered_by_v2 == 0 => refused += 1,
+                200 if version.as_deref() == Some("v2") => answered_by_v2 += 1,
+                _ => panic!("request {i}: {status} from {version:?} after {refused} refusals and {answered_by_v2} answers from v2: {text}"),
             }
         }
-        assert_eq!(refused, 20, "v4 refuses v2's requests");
+        assert!(
+            refused >= 9,
+            "v4 refuses v2's requests: {refused} refused before the rollback"
+        );
         let state = control
             .wait_for("the local rollback", |s| {
                 matches!(
