@@ -300,10 +300,7 @@ impl Metrics {
                     &link.bytes_out,
                 ),
             ];
-            for (name, help, counter) in counters {
-                header(&mut out, name, "counter", help);
-                sample(&mut out, name, &[], counter.load(Ordering::Relaxed) as f64);
-            }
+            plain_counters(&mut out, &counters);
             header(
                 &mut out,
                 "driftgate_dropped_messages_total",
@@ -348,12 +345,17 @@ impl Metrics {
                     &uplink.bad_acks,
                 ),
             ];
-            for (name, help, counter) in counters {
-                header(&mut out, name, "counter", help);
-                sample(&mut out, name, &[], counter.load(Ordering::Relaxed) as f64);
-            }
+            plain_counters(&mut out, &counters);
         }
         out
+    }
+}
+
+/// Counters without labels: (name, help, value).
+fn plain_counters(out: &mut String, counters: &[(&str, &str, &AtomicU64)]) {
+    for (name, help, counter) in counters {
+        header(out, name, "counter", help);
+        sample(out, name, &[], counter.load(Ordering::Relaxed) as f64);
     }
 }
 

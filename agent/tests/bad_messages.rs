@@ -39,28 +39,68 @@ fn all_dropped(api_port: u16) -> String {
         .join("\n")
 }
 
+/// An agent serving cancer-logreg v1 over a real broker, with digits-mlp v1 ready to install,
+/// and an MQTT client that is not the server, to publish what it likes.
+struct Target {
+    dir: tempfile::TempDir,
+    api_port: u16,
+    /// cancer-logreg v1, served.
+    manifest: fleet_protocol::Manifest,
+    /// digits-mlp v1, for a good directive after the bad input.
+    manifest2: fleet_protocol::Manifest,
+    control: Control,
+    agent: Agent,
+    client: AsyncClient,
+    _responder: Responder,
+}
+
+impl Target {
+    async fn serving_v1(broker_port: u16, device: &str, publisher: &str) -> Target {
+        let dir = tempfile::tempdir().unwrap();
+        let api_port = common::free_port();
+        write_config(dir.path(), device, broker_port, api_port, "");
+        let (onnx, manifest) = sample_manifest("cancer-logreg", "v1", 1);
+        let (onnx2, manifest2) = sample_manifest("digits-mlp", "v1", 1);
+        let responder = Responder::start(broker_port, Faults::default()).await;
+        responder.add(onnx);
+        responder.add(onnx2);
+        let mut control = Control::start(broker_port, device).await;
+        let agent = Agent::start(dir.path());
+        control.wait_for("the agent's first state", |_| true).await;
+        control.install(device, 1, &manifest, false).await;
+
+        let mut options = MqttOptions::new(publisher, "127.0.0.1", broker_port);
+        options.set_max_packet_size(8 << 20, 8 << 20);
+        let (client, mut eventloop) = AsyncClient::new(options, 16);
+        tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+        Target {
+            dir,
+            api_port,
+            manifest,
+            manifest2,
+            control,
+            agent,
+            client,
+            _responder: responder,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_messages_are_dropped_and_counted_and_serving_goes_on() {
     for broker in common::brokers("bad_messages_are_dropped_and_counted_and_serving_goes_on") {
         eprintln!("broker: {}", broker.name);
         let device = "dev-bad-input";
-        let dir = tempfile::tempdir().unwrap();
-        let api_port = common::free_port();
-        write_config(dir.path(), device, broker.port, api_port, "");
-        let (onnx, manifest) = sample_manifest("cancer-logreg", "v1", 1);
-        let (onnx2, manifest2) = sample_manifest("digits-mlp", "v1", 1);
-        let responder = Responder::start(broker.port, Faults::default()).await;
-        responder.add(onnx);
-        responder.add(onnx2);
-        let mut control = Control::start(broker.port, device).await;
-        let agent = Agent::start(dir.path());
-        control.wait_for("the agent's first state", |_| true).await;
-        control.install(device, 1, &manifest, false).await;
-
-        let mut options = MqttOptions::new("test-hostile-publisher", "127.0.0.1", broker.port);
-        options.set_max_packet_size(8 << 20, 8 << 20);
-        let (client, mut eventloop) = AsyncClient::new(options, 16);
-        tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+        let Target {
+            dir,
+            api_port,
+            manifest,
+            manifest2,
+            mut control,
+            agent,
+            client,
+            _responder,
+        } = Target::serving_v1(broker.port, device, "test-hostile-publisher").await;
         let topics = Topics::default();
         let device_id = DeviceId::new(device).unwrap();
         let topic = |kind| topics.topic(&device_id, kind);
@@ -192,23 +232,16 @@ async fn the_fuzz_corpus_on_every_topic_the_agent_reads_is_dropped_and_counted()
     {
         eprintln!("broker: {}", broker.name);
         let device = "dev-corpus";
-        let dir = tempfile::tempdir().unwrap();
-        let api_port = common::free_port();
-        write_config(dir.path(), device, broker.port, api_port, "");
-        let (onnx, manifest) = sample_manifest("cancer-logreg", "v1", 1);
-        let (onnx2, manifest2) = sample_manifest("digits-mlp", "v1", 1);
-        let responder = Responder::start(broker.port, Faults::default()).await;
-        responder.add(onnx);
-        responder.add(onnx2);
-        let mut control = Control::start(broker.port, device).await;
-        let agent = Agent::start(dir.path());
-        control.wait_for("the agent's first state", |_| true).await;
-        control.install(device, 1, &manifest, false).await;
-
-        let mut options = MqttOptions::new("test-corpus-publisher", "127.0.0.1", broker.port);
-        options.set_max_packet_size(8 << 20, 8 << 20);
-        let (client, mut eventloop) = AsyncClient::new(options, 16);
-        tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+        let Target {
+            dir: _dir,
+            api_port,
+            manifest,
+            manifest2,
+            mut control,
+            agent,
+            client,
+            _responder,
+        } = Target::serving_v1(broker.port, device, "test-corpus-publisher").await;
         let topics = Topics::default();
         let device_id = DeviceId::new(device).unwrap();
         let corpus = driftgate_tests::fuzz_corpus();
