@@ -127,6 +127,10 @@ enum Phase {
 /// never full, the index takes its share, and the log needs room to work in.
 const CONTENT_SHARE_OF_QUOTA: f64 = 0.4;
 
+/// Share of the content budget by which items awaiting their ack may take the content past
+/// the budget (see `make_room`).
+const SENT_OVER_BUDGET_SHARE: u64 = 8;
+
 /// Share of the quota the write-ahead log may grow to before it is folded into the database.
 const WAL_SHARE_OF_QUOTA: u64 = 8;
 
@@ -204,6 +208,11 @@ impl Outbox {
         })
     }
 
+    /// Bytes of item bodies the outbox holds before it starts evicting.
+    fn content_budget(&self) -> u64 {
+        (self.limits.quota_bytes as f64 * CONTENT_SHARE_OF_QUOTA) as u64
+    }
+
     fn sqlite(&self) -> impl Fn(rusqlite::Error) -> OutboxError + '_ {
         |cause| OutboxError::Sqlite {
             path: self.path.clone(),
@@ -230,9 +239,26 @@ impl Outbox {
     /// A transaction's pages sit in the log, on top of the database file, until the checkpoint
     /// after it: a large batch is stored in slices of a bounded size, so that the two together
     /// stay within the quota however much arrives at once.
+    ///
+    /// Samples that newer samples of the same call would push out anyway (an outbox thread
+    /// behind its writers gets thousands at once) are counted as evicted without being
+    /// written: a backlog then costs the disk at most a budget's worth of writes, not its
+    /// whole size.
     pub fn append_encoded(&mut self, items: &[EncodedItem]) -> Result<AppendReport, OutboxError> {
         let slice_bytes = (self.limits.quota_bytes / APPEND_SLICE_SHARE_OF_QUOTA).max(16 * 1024);
         let mut report = AppendReport::default();
+        let (items, doomed) = without_doomed_samples(items, self.content_budget());
+        for (kind, n) in doomed {
+            self.connection
+                .execute(
+                    "INSERT INTO evictions (kind, count) VALUES (?1, ?2)
+                     ON CONFLICT (kind) DO UPDATE SET count = count + ?2",
+                    params![kind, n as i64],
+                )
+                .map_err(self.sqlite())?;
+            report.evicted.insert(kind.to_string(), n);
+        }
+        let items = &items[..];
         let mut start = 0;
         let mut slices = 0;
         while start < items.len() {
@@ -272,22 +298,26 @@ impl Outbox {
         Ok(report)
     }
 
-    /// Stores one slice in one transaction, making room first.
-    fn append_slice(&mut self, items: &[EncodedItem]) -> Result<AppendReport, OutboxError> {
-        let (evicted, keep) = self.make_room(items)?;
-        let mut report = AppendReport {
-            evicted,
-            ..Default::default()
-        };
-
+    /// Stores one slice in one transaction, making room first (in the same transaction: the
+    /// pages the evictions free are the ones the inserts take, and each is logged once).
+    fn append_slice(&mut self, items: &[&EncodedItem]) -> Result<AppendReport, OutboxError> {
+        let path = self.path.clone();
         let sqlite = |cause| OutboxError::Sqlite {
-            path: self.path.clone(),
+            path: path.clone(),
             cause,
         };
+        let budget = self.content_budget();
+        let handed_out = self.handed_out_up_to.get();
         let transaction = self
             .connection
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(sqlite)?;
+        let room = make_room(&transaction, budget, self.content_bytes, handed_out, items)
+            .map_err(sqlite)?;
+        let mut report = AppendReport {
+            evicted: room.evicted,
+            ..Default::default()
+        };
         let mut stored = 0u64;
         {
             let mut insert = transaction
@@ -295,7 +325,7 @@ impl Outbox {
                     "INSERT INTO items (priority, kind, at_ms, bytes, body) VALUES (?1, ?2, ?3, ?4, ?5)",
                 )
                 .map_err(sqlite)?;
-            for (item, _) in items.iter().zip(&keep).filter(|(_, keep)| **keep) {
+            for (item, _) in items.iter().zip(&room.keep).filter(|(_, keep)| **keep) {
                 insert
                     .execute(params![
                         item.priority as i64,
@@ -310,123 +340,16 @@ impl Outbox {
             }
         }
         transaction.commit().map_err(sqlite)?;
-        self.content_bytes += stored;
-        // The log grows between automatic checkpoints; near the quota, fold it in now.
+        // The freed pages stay on SQLite's free list, where later inserts take them: giving
+        // them back to the file system after every eviction would cost checkpoints (fsyncs,
+        // milliseconds each on a slow card) per append while the outbox sits at its quota, and
+        // an outbox thread that falls behind its writers holds the uplink back. Space goes back
+        // only when the file itself nears the quota.
+        self.content_bytes = self.content_bytes.saturating_sub(room.freed) + stored;
         if self.file_bytes() > self.limits.quota_bytes / 10 * 9 {
             self.give_back_space()?;
         }
         Ok(report)
-    }
-
-    /// Makes room in the content budget for `incoming`: gives up the lowest priority first,
-    /// and within a priority the oldest first, counting the incoming items as the newest. So a
-    /// burst of samples larger than the budget pushes out older samples and then its own
-    /// oldest, never a telemetry item. Events are never given up, so a flood of them can pass
-    /// the budget. Returns what was evicted by kind, and which incoming items to store.
-    #[allow(clippy::type_complexity)]
-    fn make_room(
-        &mut self,
-        incoming: &[EncodedItem],
-    ) -> Result<(BTreeMap<String, u64>, Vec<bool>), OutboxError> {
-        let budget = (self.limits.quota_bytes as f64 * CONTENT_SHARE_OF_QUOTA) as u64;
-        let incoming_bytes: u64 = incoming.iter().map(|item| item.body.len() as u64).sum();
-        let mut evicted = BTreeMap::new();
-        let mut keep = vec![true; incoming.len()];
-        if self.content_bytes + incoming_bytes <= budget {
-            return Ok((evicted, keep));
-        }
-        let mut to_free = self.content_bytes + incoming_bytes - budget;
-        let sqlite = |cause| OutboxError::Sqlite {
-            path: self.path.clone(),
-            cause,
-        };
-        let transaction = self
-            .connection
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(sqlite)?;
-        let mut freed = 0u64;
-        let handed_out = self.handed_out_up_to.get().min(i64::MAX as u64) as i64;
-        {
-            // Within a priority: first what was never sent, oldest first; then the incoming
-            // items; only then what was sent and awaits its ack, since the server may hold it
-            // already and its eviction would be counted as a loss that did not happen.
-            let mut oldest = transaction
-                .prepare_cached(
-                    "SELECT id, kind, bytes FROM items WHERE priority = ?1 AND id > ?2 \
-                     ORDER BY id LIMIT 512",
-                )
-                .map_err(sqlite)?;
-            let mut oldest_sent = transaction
-                .prepare_cached(
-                    "SELECT id, kind, bytes FROM items WHERE priority = ?1 AND id <= ?2 \
-                     ORDER BY id LIMIT 512",
-                )
-                .map_err(sqlite)?;
-            let mut delete = transaction
-                .prepare_cached("DELETE FROM items WHERE id = ?1")
-                .map_err(sqlite)?;
-            let mut count = transaction
-                .prepare_cached(
-                    "INSERT INTO evictions (kind, count) VALUES (?1, 1)
-                     ON CONFLICT (kind) DO UPDATE SET count = count + 1",
-                )
-                .map_err(sqlite)?;
-            for priority in [Priority::Sample, Priority::Telemetry, Priority::Summary] {
-                for phase in [Phase::NeverSent, Phase::Incoming, Phase::Sent] {
-                    if phase == Phase::Incoming {
-                        for (item, keep) in incoming.iter().zip(keep.iter_mut()) {
-                            if to_free == 0 {
-                                break;
-                            }
-                            if item.priority == priority {
-                                *keep = false;
-                                count.execute([item.kind]).map_err(sqlite)?;
-                                *evicted.entry(item.kind.to_string()).or_insert(0) += 1;
-                                to_free = to_free.saturating_sub(item.body.len() as u64);
-                            }
-                        }
-                        continue;
-                    }
-                    let query = if phase == Phase::NeverSent {
-                        &mut oldest
-                    } else {
-                        &mut oldest_sent
-                    };
-                    while to_free > 0 {
-                        let victims: Vec<(i64, String, i64)> = query
-                            .query_map(params![priority as i64, handed_out], |row| {
-                                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
-                            })
-                            .map_err(sqlite)?
-                            .collect::<Result<_, _>>()
-                            .map_err(sqlite)?;
-                        if victims.is_empty() {
-                            break;
-                        }
-                        for (id, kind, bytes) in victims {
-                            delete.execute([id]).map_err(sqlite)?;
-                            count.execute([&kind]).map_err(sqlite)?;
-                            *evicted.entry(kind).or_insert(0) += 1;
-                            let bytes = bytes.max(0) as u64;
-                            freed += bytes;
-                            to_free = to_free.saturating_sub(bytes);
-                            if to_free == 0 {
-                                break;
-                            }
-                        }
-                    }
-                }
-                if to_free == 0 {
-                    break;
-                }
-            }
-        }
-        transaction.commit().map_err(sqlite)?;
-        self.content_bytes = self.content_bytes.saturating_sub(freed);
-        if freed > 0 {
-            self.give_back_space()?;
-        }
-        Ok((evicted, keep))
     }
 
     /// Returns freed pages to the file system and folds the log into the database.
@@ -807,25 +730,65 @@ pub fn spawn_when_open(
     (handle, thread)
 }
 
+/// How long the outbox thread gathers appends before it commits them. Each commit writes a
+/// few pages of its own (the index, the free list, the counters) to the log, and every few
+/// commits the log is checkpointed, with an fsync that costs milliseconds on an SD card or a
+/// busy virtual disk: an item per commit at a thousand inferences a second leaves the thread
+/// behind its writers, and the uplink's requests, answered in order, wait behind that. Items
+/// wait this long in memory at most; a request from the uplink ends the wait at once.
+const GATHER_APPENDS_FOR: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// The outbox thread's loop: until every handle is gone.
 fn serve(mut outbox: Outbox, mut queue: tokio::sync::mpsc::Receiver<Command>) {
+    // Only to wait for the queue with a timeout; the thread stays a plain thread.
+    let timer = match tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+    {
+        Ok(timer) => Some(timer),
+        Err(e) => {
+            tracing::warn!(error = %e, "the outbox commits without gathering appends");
+            None
+        }
+    };
     let mut group: Vec<EncodedItem> = Vec::with_capacity(GROUP_COMMIT_MAX);
     while let Some(first) = queue.blocking_recv() {
         let mut next = Some(first);
-        // Gather what is queued: appends go into one transaction; any other command is
-        // answered after the appends queued before it are committed.
-        while let Some(command) = next.take() {
-            match command {
-                Command::Append(item) => {
+        let mut gather_until = None;
+        // Appends go into one transaction; any other command is answered after the appends
+        // queued before it are committed.
+        loop {
+            match next.take() {
+                Some(Command::Append(item)) => {
                     group.push(item);
-                    if group.len() < GROUP_COMMIT_MAX {
-                        next = queue.try_recv().ok();
+                    gather_until
+                        .get_or_insert_with(|| tokio::time::Instant::now() + GATHER_APPENDS_FOR);
+                    if group.len() >= GROUP_COMMIT_MAX {
+                        outbox.commit_group(&mut group);
+                        gather_until = None;
                     }
                 }
-                other => {
+                Some(other) => {
                     outbox.commit_group(&mut group);
                     outbox.answer(other);
-                    next = queue.try_recv().ok();
+                    gather_until = None;
+                }
+                None => {}
+            }
+            match queue.try_recv() {
+                Ok(command) => next = Some(command),
+                Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => break,
+                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {
+                    let (Some(until), Some(timer)) = (gather_until, &timer) else {
+                        break;
+                    };
+                    let waited = timer
+                        .block_on(async { tokio::time::timeout_at(until, queue.recv()).await });
+                    match waited {
+                        Ok(Some(command)) => next = Some(command),
+                        // Every handle is gone, or the time is up.
+                        Ok(None) | Err(_) => break,
+                    }
                 }
             }
         }
@@ -904,6 +867,142 @@ impl Outbox {
             }
         }
     }
+}
+
+/// `items` without the samples that newer samples among them would push out of a content
+/// `budget` (samples go first, oldest first), and how many those are, by kind.
+fn without_doomed_samples(
+    items: &[EncodedItem],
+    budget: u64,
+) -> (Vec<&EncodedItem>, BTreeMap<&'static str, u64>) {
+    let mut newer_sample_bytes = 0u64;
+    let mut doomed = BTreeMap::new();
+    let mut kept: Vec<&EncodedItem> = items
+        .iter()
+        .rev()
+        .filter(|item| {
+            if item.priority != Priority::Sample {
+                return true;
+            }
+            if newer_sample_bytes >= budget {
+                *doomed.entry(item.kind).or_insert(0) += 1;
+                return false;
+            }
+            newer_sample_bytes += item.body.len() as u64;
+            true
+        })
+        .collect();
+    kept.reverse();
+    (kept, doomed)
+}
+
+/// What [`make_room`] did.
+struct Room {
+    /// Items given up, by kind (stored ones and incoming ones).
+    evicted: BTreeMap<String, u64>,
+    /// Which incoming items to store.
+    keep: Vec<bool>,
+    /// Bytes of stored content deleted.
+    freed: u64,
+}
+
+/// Makes room in the content `budget` for `incoming`, within `transaction`: gives up the
+/// lowest priority first, and within a priority the oldest first, counting the incoming items
+/// as the newest. So a burst of samples larger than the budget pushes out older samples and
+/// then its own oldest, never a telemetry item. Events are never given up, so a flood of them
+/// can pass the budget. Items up to `handed_out` were sent and await their ack: within a
+/// priority they go last, since the server may hold them already and their eviction would be
+/// counted as a loss that did not happen.
+fn make_room(
+    transaction: &rusqlite::Transaction<'_>,
+    budget: u64,
+    content_bytes: u64,
+    handed_out: u64,
+    incoming: &[&EncodedItem],
+) -> Result<Room, rusqlite::Error> {
+    let incoming_bytes: u64 = incoming.iter().map(|item| item.body.len() as u64).sum();
+    let mut room = Room {
+        evicted: BTreeMap::new(),
+        keep: vec![true; incoming.len()],
+        freed: 0,
+    };
+    if content_bytes + incoming_bytes <= budget {
+        return Ok(room);
+    }
+    let handed_out = handed_out.min(i64::MAX as u64) as i64;
+    // What awaits its ack is deleted when the ack comes, seconds from now: the content may
+    // pass its budget by that much, up to a bound, rather than give it up. Otherwise a
+    // telemetry item arriving while the whole outbox is in flight would push out a sample the
+    // server is about to store, and that sample would be counted twice: received and evicted.
+    let awaiting_ack: i64 = transaction
+        .prepare_cached("SELECT COALESCE(SUM(bytes), 0) FROM items WHERE id <= ?1")?
+        .query_row([handed_out], |row| row.get(0))?;
+    let tolerated = (awaiting_ack.max(0) as u64).min(budget / SENT_OVER_BUDGET_SHARE);
+    let Some(mut to_free) = (content_bytes + incoming_bytes)
+        .checked_sub(budget + tolerated)
+        .filter(|bytes| *bytes > 0)
+    else {
+        return Ok(room);
+    };
+    let mut oldest = transaction.prepare_cached(
+        "SELECT id, kind, bytes FROM items WHERE priority = ?1 AND id > ?2 ORDER BY id LIMIT 512",
+    )?;
+    let mut oldest_sent = transaction.prepare_cached(
+        "SELECT id, kind, bytes FROM items WHERE priority = ?1 AND id <= ?2 ORDER BY id LIMIT 512",
+    )?;
+    let mut delete = transaction.prepare_cached("DELETE FROM items WHERE id = ?1")?;
+    let mut count = transaction.prepare_cached(
+        "INSERT INTO evictions (kind, count) VALUES (?1, 1)
+         ON CONFLICT (kind) DO UPDATE SET count = count + 1",
+    )?;
+    for priority in [Priority::Sample, Priority::Telemetry, Priority::Summary] {
+        for phase in [Phase::NeverSent, Phase::Incoming, Phase::Sent] {
+            if phase == Phase::Incoming {
+                for (item, keep) in incoming.iter().zip(room.keep.iter_mut()) {
+                    if to_free == 0 {
+                        break;
+                    }
+                    if item.priority == priority {
+                        *keep = false;
+                        count.execute([item.kind])?;
+                        *room.evicted.entry(item.kind.to_string()).or_insert(0) += 1;
+                        to_free = to_free.saturating_sub(item.body.len() as u64);
+                    }
+                }
+                continue;
+            }
+            let query = if phase == Phase::NeverSent {
+                &mut oldest
+            } else {
+                &mut oldest_sent
+            };
+            while to_free > 0 {
+                let victims: Vec<(i64, String, i64)> = query
+                    .query_map(params![priority as i64, handed_out], |row| {
+                        Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                    })?
+                    .collect::<Result<_, _>>()?;
+                if victims.is_empty() {
+                    break;
+                }
+                for (id, kind, bytes) in victims {
+                    delete.execute([id])?;
+                    count.execute([&kind])?;
+                    *room.evicted.entry(kind).or_insert(0) += 1;
+                    let bytes = bytes.max(0) as u64;
+                    room.freed += bytes;
+                    to_free = to_free.saturating_sub(bytes);
+                    if to_free == 0 {
+                        break;
+                    }
+                }
+            }
+        }
+        if to_free == 0 {
+            break;
+        }
+    }
+    Ok(room)
 }
 
 #[cfg(test)]
@@ -1003,8 +1102,13 @@ mod tests {
             .any(|i| matches!(i.body, ItemBody::Evictions(_))));
         // The newest samples are the ones kept.
         assert_eq!(report.ids.len(), stored.len());
-        assert!(
-            outbox.stats().unwrap().content_bytes <= (quota as f64 * CONTENT_SHARE_OF_QUOTA) as u64
+        let stats = outbox.stats().unwrap();
+        assert!(stats.content_bytes <= (quota as f64 * CONTENT_SHARE_OF_QUOTA) as u64);
+        // Those never written (newer ones of the same burst would have pushed them out) are
+        // counted like those written and then given up.
+        assert_eq!(
+            stats.unreported_evictions.get("sample"),
+            Some(&samples_evicted)
         );
     }
 

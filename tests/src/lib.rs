@@ -6,6 +6,7 @@
 
 pub mod onnx;
 pub mod proxy;
+pub mod slow_fsync;
 
 use std::io::Write;
 use std::path::PathBuf;
