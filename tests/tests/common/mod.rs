@@ -360,15 +360,19 @@ impl Device {
     }
 
     /// Starts the agent with its wall clock `offset` away from the machine's (`+10m`, `-20m`:
-    /// libfaketime's syntax), through Debian's `faketime`. Only the wall clock moves: timers
-    /// and timeouts run on the monotonic clock, as on a device whose clock was set wrong.
+    /// libfaketime's syntax), with Debian's libfaketime preloaded. Only the wall clock moves:
+    /// timers and timeouts run on the monotonic clock, as on a device whose clock was set wrong.
+    ///
+    /// The library is preloaded directly rather than through the `faketime` wrapper, which
+    /// forks: killing the wrapper would leave the agent running after the test.
     pub fn start_with_clock(&mut self, offset: &str) {
-        let mut command = Command::new("faketime");
+        let library = libfaketime().unwrap_or_else(|why| panic!("{why}"));
+        let mut command = Command::new(binary("edge-agent"));
         command
-            .args(["-f", offset])
-            .arg(binary("edge-agent"))
             .args(["run", "--config"])
             .arg(self.bundle.join("agent.toml"))
+            .env("LD_PRELOAD", library)
+            .env("FAKETIME", offset)
             .env("DONT_FAKE_MONOTONIC", "1");
         self.spawn(command);
     }
@@ -605,4 +609,21 @@ impl Mosquitto {
             .expect("Mosquitto runs")
             .assert_running();
     }
+}
+
+/// Debian's libfaketime (package `faketime`): `$DRIFTGATE_LIBFAKETIME`, or the multiarch path.
+fn libfaketime() -> Result<PathBuf, String> {
+    if let Some(path) = std::env::var_os("DRIFTGATE_LIBFAKETIME") {
+        return Ok(PathBuf::from(path));
+    }
+    let found = std::fs::read_dir("/usr/lib")
+        .map_err(|e| format!("/usr/lib: {e}"))?
+        .filter_map(Result::ok)
+        .map(|entry| entry.path().join("faketime/libfaketime.so.1"))
+        .find(|path| path.is_file());
+    found.ok_or_else(|| {
+        "libfaketime.so.1 is not under /usr/lib/*/faketime/ (apt-get install faketime), \
+         or set DRIFTGATE_LIBFAKETIME"
+            .to_string()
+    })
 }
