@@ -71,6 +71,9 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> ApiError {
         match e {
             StoreError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
+            e @ StoreError::NotLeader(_) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_leader", e.to_string())
+            }
             other => ApiError::internal(other),
         }
     }
@@ -83,6 +86,9 @@ impl From<FleetError> for ApiError {
             FleetError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
             FleetError::Invalid(m) => ApiError::invalid(m),
             FleetError::Registry(e) => e.into(),
+            FleetError::Unavailable(m) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_leader", m)
+            }
             other => ApiError::internal(other),
         }
     }
@@ -235,6 +241,7 @@ pub fn router(fleet: Arc<Fleet>) -> Router {
             get(model_profile),
         )
         .route("/api/v1/fleet", get(fleet_overview))
+        .route("/api/v1/cluster", get(cluster_status))
         .route("/api/v1/devices", get(list_devices).post(enroll_device))
         .route("/api/v1/devices/{id}", get(show_device))
         .route("/api/v1/devices/{id}/assign", post(assign_model))
@@ -800,6 +807,23 @@ async fn fleet_overview(
         "devices": overview.devices,
         "models": overview.models,
         "active_rollouts": active,
+    })))
+}
+
+/// Which replica answered, and which leads (a single server always leads).
+async fn cluster_status(
+    State(fleet): State<Arc<Fleet>>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult<Json<Value>> {
+    require(&caller, Role::Viewer)?;
+    let lease = match fleet.leadership.replica_name() {
+        Some(_) => crate::cluster::current_lease(&fleet.store).await?,
+        None => None,
+    };
+    Ok(Json(json!({
+        "replica": fleet.leadership.replica_name(),
+        "leading": fleet.leadership.is_leader(),
+        "lease": lease,
     })))
 }
 

@@ -28,6 +28,9 @@ pub struct BusConfig {
     pub client_id: String,
     pub max_packet_bytes: usize,
     pub topics: Topics,
+    /// Replicas of a scale-out share their subscriptions (`$share/{group}/…`): the broker
+    /// hands each device message to one of them.
+    pub shared_group: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -49,6 +52,7 @@ pub struct DeviceMessage {
 pub struct Bus {
     client: AsyncClient,
     topics: Topics,
+    shared_group: Option<String>,
 }
 
 impl Bus {
@@ -120,6 +124,7 @@ pub fn connect(config: &BusConfig) -> Result<(Bus, EventLoop), String> {
         Bus {
             client,
             topics: config.topics.clone(),
+            shared_group: config.shared_group.clone(),
         },
         eventloop,
     ))
@@ -137,6 +142,7 @@ pub async fn run(
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let topics = bus.topics.clone();
+    let shared_group = bus.shared_group.clone();
     let mut backoff = Duration::from_millis(200);
     loop {
         let event = tokio::select! {
@@ -152,6 +158,7 @@ pub async fn run(
                 tracing::info!("connected to the broker");
                 let client = bus.client.clone();
                 let topics = topics.clone();
+                let shared_group = shared_group.clone();
                 // Subscribing from inside the loop would deadlock on a full request queue.
                 tokio::spawn(async move {
                     let filters = [
@@ -161,7 +168,12 @@ pub async fn run(
                         TopicKind::Fetch,
                     ]
                     .map(|kind| {
-                        rumqttc::SubscribeFilter::new(topics.all_devices(kind), QoS::AtLeastOnce)
+                        let filter = topics.all_devices(kind);
+                        let filter = match &shared_group {
+                            Some(group) => format!("$share/{group}/{filter}"),
+                            None => filter,
+                        };
+                        rumqttc::SubscribeFilter::new(filter, QoS::AtLeastOnce)
                     });
                     if let Err(e) = client.subscribe_many(filters).await {
                         tracing::error!(error = %e, "subscribe failed");

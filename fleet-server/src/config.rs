@@ -40,6 +40,10 @@
 //!
 //! [rollouts]
 //! tick_ms = 1000                         # default 1 s: how often the engine looks at every active rollout
+//!
+//! [cluster]                              # several replicas (docs/scale-out.md); needs PostgreSQL and an external broker
+//! replica = "fleet-a"                    # default: none, a single server. This replica's name, unique in the fleet
+//! lease_secs = 6                         # default 6: the leader's lease; a new leader takes over within about this long
 //! ```
 
 use std::net::SocketAddr;
@@ -89,6 +93,35 @@ pub struct ServerConfig {
     pub devices: DeviceConfig,
     #[serde(default)]
     pub rollouts: RolloutConfig,
+    #[serde(default)]
+    pub cluster: ClusterConfig,
+}
+
+/// Several replicas of the server against one PostgreSQL and one external broker: each
+/// serves the API, ingest and artifacts; the one holding the leader lease runs rollouts and
+/// signs directives.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This replica's name; none runs a single server that always leads.
+    #[serde(default)]
+    pub replica: Option<String>,
+    /// How long a leader's lease lasts after its last renewal (renewed every third of it).
+    #[serde(default = "default_lease_secs")]
+    pub lease_secs: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            replica: None,
+            lease_secs: default_lease_secs(),
+        }
+    }
+}
+
+fn default_lease_secs() -> u64 {
+    6
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -281,6 +314,7 @@ impl Default for ServerConfig {
             artifacts: ArtifactConfig::default(),
             devices: DeviceConfig::default(),
             rollouts: RolloutConfig::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -395,6 +429,44 @@ impl ServerConfig {
                 format!("{} is outside 10..=60000", self.rollouts.tick_ms),
             ));
         }
+        if let Some(replica) = &self.cluster.replica {
+            let named = !replica.is_empty()
+                && replica.len() <= 64
+                && replica
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+            if !named {
+                return Err(invalid(
+                    "cluster.replica",
+                    format!("{replica:?}: 1 to 64 of letters, digits, '.', '_', '-'"),
+                ));
+            }
+            let postgres = self
+                .database
+                .as_deref()
+                .is_some_and(|db| db.starts_with("postgres:") || db.starts_with("postgresql:"));
+            if !postgres {
+                return Err(invalid(
+                    "cluster.replica",
+                    "replicas share one PostgreSQL database: set `database = \"postgres://…\"`"
+                        .into(),
+                ));
+            }
+            if self.broker.external.is_none() {
+                return Err(invalid(
+                    "cluster.replica",
+                    "replicas share one external broker: set `broker.external` (the embedded \
+                     broker lives inside one process)"
+                        .into(),
+                ));
+            }
+        }
+        if !(2..=300).contains(&self.cluster.lease_secs) {
+            return Err(invalid(
+                "cluster.lease_secs",
+                format!("{} is outside 2..=300", self.cluster.lease_secs),
+            ));
+        }
         if self.devices.cert_valid_days == 0 {
             return Err(invalid(
                 "devices.cert_valid_days",
@@ -443,6 +515,19 @@ mod tests {
         std::fs::write(&path, "[api]\nlisten = 5\n").unwrap();
         let e = ServerConfig::load(&path).unwrap_err().to_string();
         assert!(e.contains("server.toml") && e.contains("listen"), "{e}");
+        std::fs::write(&path, "[cluster]\nreplica = \"a\"\n").unwrap();
+        let e = ServerConfig::load(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("cluster.replica") && e.contains("PostgreSQL"),
+            "{e}"
+        );
+        std::fs::write(
+            &path,
+            "database = \"postgres://db/fleet\"\n[cluster]\nreplica = \"a\"\n",
+        )
+        .unwrap();
+        let e = ServerConfig::load(&path).unwrap_err().to_string();
+        assert!(e.contains("broker.external"), "{e}");
         std::fs::write(&path, "colour = \"blue\"\n").unwrap();
         let e = ServerConfig::load(&path).unwrap_err().to_string();
         assert!(e.contains("colour"), "{e}");

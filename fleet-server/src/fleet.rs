@@ -33,6 +33,9 @@ pub enum FleetError {
     Invalid(String),
     #[error("broker: {0}")]
     Bus(String),
+    /// Possible later, not now (no replica leads the fleet at the moment).
+    #[error("{0}")]
+    Unavailable(String),
     #[error("certificate authority: {0}")]
     Ca(String),
     #[error(transparent)]
@@ -45,6 +48,7 @@ impl From<StoreError> for FleetError {
     fn from(e: StoreError) -> FleetError {
         match e {
             StoreError::Conflict(m) => FleetError::Conflict(m),
+            e @ StoreError::NotLeader(_) => FleetError::Unavailable(e.to_string()),
             other => FleetError::Store(other),
         }
     }
@@ -167,6 +171,9 @@ pub struct Fleet {
     pub release_public_pems: Vec<String>,
     /// Rollouts: one writer at a time, and the engine loop's wake-up.
     pub rollouts: crate::rollout_runner::RolloutControl,
+    /// Whether this process may sign directives (always, unless it is one of several
+    /// replicas: then only while it holds the leader lease).
+    pub leadership: Arc<crate::cluster::Leadership>,
 }
 
 impl Fleet {
@@ -362,7 +369,13 @@ impl Fleet {
     /// Signs and publishes the device's directive: every model assigned to it. A model whose
     /// assigned release is below the one the device reports active is marked an explicit
     /// rollback (the operator asked for exactly that version).
+    ///
+    /// Only the leader signs: a replica that does not lead asks it and waits for the
+    /// directive (see `crate::cluster`).
     pub async fn publish_directive(&self, device: &DeviceRecord) -> Result<u64, FleetError> {
+        let Some(authority) = self.leadership.authority() else {
+            return self.directive_from_leader(device).await;
+        };
         let id = DeviceId::new(&device.id).map_err(|e| FleetError::Invalid(e.to_string()))?;
         let active = active_releases(device);
         let mut models = Vec::new();
@@ -384,7 +397,10 @@ impl Fleet {
                 rollout: None,
             });
         }
-        let seq = self.store.next_directive_seq(&device.id).await?;
+        let seq = self
+            .store
+            .next_directive_seq(&device.id, authority.fence())
+            .await?;
         let issued_at_ms = now_ms();
         let expires_at_ms = issued_at_ms + (self.config.directives.expiry_secs as i64) * 1000;
         let directive = Directive {
@@ -400,6 +416,14 @@ impl Fleet {
         self.store
             .save_directive(&device.id, seq, &bytes, issued_at_ms, expires_at_ms)
             .await?;
+        // A term that ended while signing: the next leader issues this device's directive
+        // again (it re-issues what was signed near the end of the previous term), and a
+        // directive published now could reach the device after that one.
+        if !self.leadership.still_holds(&authority) {
+            return Err(FleetError::Unavailable(format!(
+                "the leader lease lapsed before directive {seq} of {id} went out; the next leader issues it again"
+            )));
+        }
         self.bus
             .publish(&id, TopicKind::Directive, bytes)
             .await
@@ -409,6 +433,77 @@ impl Fleet {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(device = %id, seq, "directive published");
         Ok(seq)
+    }
+
+    /// On a replica that does not lead: asks the leader for the device's directive and waits
+    /// until it is stored.
+    async fn directive_from_leader(&self, device: &DeviceRecord) -> Result<u64, FleetError> {
+        let before = self.store.directive_seq(&device.id).await?.unwrap_or(0);
+        self.store.request_directive(&device.id, now_ms()).await?;
+        let wait = self.config_lease() * 2 + std::time::Duration::from_secs(5);
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            if let Some(seq) = self.store.directive_seq(&device.id).await? {
+                if seq > before {
+                    return Ok(seq);
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(FleetError::Unavailable(format!(
+                    "no replica leads the fleet: the directive for {} is requested and goes out once one does ({} s waited)",
+                    device.id,
+                    wait.as_secs()
+                )));
+            }
+        }
+    }
+
+    fn config_lease(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.config.cluster.lease_secs)
+    }
+
+    /// At the start of a leader's term: the previous leader may have signed directives it
+    /// never got out (killed between the two). Those are issued again, with new sequence
+    /// numbers, for every device whose directive was signed in the previous term's last
+    /// lease period; a device that had it already sees the same models again and does
+    /// nothing.
+    pub async fn take_over(&self, term: &crate::cluster::Term) -> Result<(), FleetError> {
+        let Some(expiry) = term.previous_expiry_ms else {
+            return Ok(());
+        };
+        let since = expiry - self.config_lease().as_millis() as i64 - 5_000;
+        let devices = self.store.directives_issued_since(since).await?;
+        tracing::info!(
+            epoch = term.fence.epoch,
+            devices = devices.len(),
+            "re-issuing the directives signed at the end of the previous term"
+        );
+        for id in devices {
+            let Some(record) = self.store.device(&id).await? else {
+                continue;
+            };
+            if record.revoked_at_ms.is_none() {
+                self.publish_directive(&record).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The leader answers the other replicas' directive requests.
+    pub async fn answer_directive_requests(&self) -> Result<(), FleetError> {
+        for (id, requested_at_ms) in self.store.directive_requests().await? {
+            match self.store.device(&id).await? {
+                Some(record) if record.revoked_at_ms.is_none() => {
+                    self.publish_directive(&record).await?;
+                }
+                _ => {}
+            }
+            self.store
+                .close_directive_request(&id, requested_at_ms)
+                .await?;
+        }
+        Ok(())
     }
 
     /// Publishes every device's last directive again (retained messages of the embedded

@@ -12,6 +12,7 @@ pub mod broker; // the embedded MQTT broker (rmqtt): mTLS, CN identity, per-devi
 pub mod bus; // the server's own MQTT session: subscribes to device topics, routes, publishes
 pub mod ca; // the device CA: device and broker certificates, the CRL
 pub mod client; // fleetctl's REST client: tokens from flags, env or file; uploads with progress
+pub mod cluster; // several replicas: the leader lease in the database, fenced directive sequences, requests to the leader
 pub mod config; // server.toml: documented defaults, paths relative to the file, flag overrides
 pub mod console; // the operator console: a single-page app built into the binary, served at /
 pub mod demo; // `fleet-server demo`: server, local agents, app load, three rollouts, summary

@@ -17,6 +17,10 @@ pub struct Metrics {
     pub chunks_served: AtomicU64,
     pub chunk_bytes_served: AtomicU64,
     pub directives_published: AtomicU64,
+    /// 1 while this process leads the fleet (a single server always does).
+    pub leading: AtomicU64,
+    /// Terms as the leader this process began.
+    pub leader_terms: AtomicU64,
     /// Chunk replies other than ok, by status.
     chunk_refusals: Mutex<BTreeMap<&'static str, u64>>,
     /// Messages dropped, by (topic kind, reason).
@@ -113,6 +117,17 @@ impl Metrics {
             "driftgate_server_directives_published_total",
             "Signed directives published.",
             &self.directives_published,
+        );
+        counter(
+            &mut out,
+            "driftgate_server_leader_terms_total",
+            "Terms as the fleet's leader this process began.",
+            &self.leader_terms,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP driftgate_server_leading Whether this process leads the fleet (signs directives, drives rollouts).\n# TYPE driftgate_server_leading gauge\ndriftgate_server_leading {}",
+            self.leading.load(Ordering::Relaxed)
         );
         let _ = writeln!(out, "# HELP driftgate_server_chunk_refusals_total Chunk requests answered with a status other than ok.\n# TYPE driftgate_server_chunk_refusals_total counter");
         if let Ok(map) = self.chunk_refusals.lock() {

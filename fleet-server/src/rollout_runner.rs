@@ -62,6 +62,10 @@ pub async fn run(
             _ = fleet.rollouts.wake.notified() => {}
             _ = shutdown.changed() => return,
         }
+        // Rollouts are the leader's: on the other replicas they wait for a takeover.
+        if !fleet.leadership.is_leader() {
+            continue;
+        }
         if let Err(e) = fleet.step_rollouts().await {
             tracing::warn!(error = %e, "rollout step failed; retrying at the next tick");
         }

@@ -208,6 +208,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer> {
                     client_id: "driftgate-server".into(),
                     max_packet_bytes: config.broker.max_packet_bytes,
                     topics: topics.clone(),
+                    shared_group: None,
                 };
                 (
                     Some(Arc::new(broker)),
@@ -253,9 +254,19 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer> {
                     }),
                     username: config.broker.username.clone(),
                     password,
-                    client_id: "driftgate-server".into(),
+                    // Each replica its own session (one id would make the broker drop the
+                    // other), subscriptions shared among them.
+                    client_id: match &config.cluster.replica {
+                        Some(replica) => format!("driftgate-server-{replica}"),
+                        None => "driftgate-server".into(),
+                    },
                     max_packet_bytes: config.broker.max_packet_bytes,
                     topics: topics.clone(),
+                    shared_group: config
+                        .cluster
+                        .replica
+                        .as_ref()
+                        .map(|_| "driftgate-server".to_string()),
                 };
                 (
                     None,
@@ -330,9 +341,30 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer> {
         release_public_pems,
         config: config.clone(),
         rollouts: Default::default(),
+        leadership: match &config.cluster.replica {
+            Some(replica) => crate::cluster::Leadership::replica(
+                replica,
+                Duration::from_secs(config.cluster.lease_secs),
+            ),
+            None => crate::cluster::Leadership::single(),
+        },
     });
     fleet.write_crl().await?;
-    fleet.republish_directives().await?;
+    if config.cluster.replica.is_none() {
+        // The embedded broker keeps retained messages in memory only. An external broker
+        // of a scale-out keeps them, and a new leader re-issues what may not have gone out
+        // (`Fleet::take_over`): republishing there would hand devices the same sequence twice.
+        fleet.republish_directives().await?;
+    }
+    tasks.push(tokio::spawn(crate::cluster::keep_lease(
+        fleet.store.clone(),
+        fleet.leadership.clone(),
+        shutdown_rx.clone(),
+    )));
+    tasks.push(tokio::spawn(crate::cluster::lead(
+        fleet.clone(),
+        shutdown_rx.clone(),
+    )));
     tasks.push(tokio::spawn(crate::rollout_runner::run(
         fleet.clone(),
         Duration::from_millis(config.rollouts.tick_ms),
@@ -354,7 +386,12 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer> {
         }
     }));
     let device_addr = broker.as_ref().map(|b| b.device_addr());
-    write_endpoints(&data_dir, api_addr, device_addr, &fleet.public_broker_url)?;
+    // Replicas may share a data dir (keys, CA, blobs): each writes its own endpoints file.
+    let endpoints = match &config.cluster.replica {
+        Some(replica) => data_dir.join(format!("endpoints-{replica}.json")),
+        None => data_dir.join("endpoints.json"),
+    };
+    write_endpoints(&endpoints, api_addr, device_addr, &fleet.public_broker_url)?;
     Ok(RunningServer {
         fleet,
         api_addr,
@@ -368,7 +405,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer> {
 /// `{data_dir}/endpoints.json`: where this run listens (ports may have been chosen by the
 /// OS), for scripts and tests.
 fn write_endpoints(
-    data_dir: &Path,
+    path: &Path,
     api: SocketAddr,
     devices: Option<SocketAddr>,
     public_url: &str,
@@ -379,10 +416,7 @@ fn write_endpoints(
         "public_broker_url": public_url,
         "pid": std::process::id(),
     });
-    edge_agent::fsutil::atomic_write(
-        &data_dir.join("endpoints.json"),
-        &serde_json::to_vec_pretty(&body)?,
-    )?;
+    edge_agent::fsutil::atomic_write(path, &serde_json::to_vec_pretty(&body)?)?;
     Ok(())
 }
 

@@ -28,6 +28,9 @@ pub enum StoreError {
     Corrupt { what: String, cause: String },
     #[error("{0}")]
     Conflict(String),
+    /// A directive was to be signed under a leader lease this replica no longer holds.
+    #[error("this replica no longer leads the fleet: {0}")]
+    NotLeader(String),
 }
 
 /// Which SQL engine is behind the pool.
@@ -183,7 +186,26 @@ CREATE INDEX audit_by_rollout ON audit (rollout, id);
 ALTER TABLE tokens ADD COLUMN expires_at_ms BIGINT;
 ",
     ),
+    (
+        4,
+        "
+CREATE TABLE leases (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    epoch BIGINT NOT NULL,
+    expires_at_ms BIGINT NOT NULL
+);
+CREATE TABLE directive_requests (
+    device TEXT PRIMARY KEY,
+    requested_at_ms BIGINT NOT NULL
+);
+",
+    ),
 ];
+
+/// The PostgreSQL advisory lock replicas take around their migrations, so that two starting
+/// at once do not both create the same tables. Any number; this one spells "dgate".
+const MIGRATION_LOCK: i64 = 0x0064_6761_7465;
 
 /// Items per multi-row INSERT (8 values each; far below either engine's parameter limit).
 const INSERT_CHUNK: usize = 128;
@@ -397,7 +419,40 @@ impl Store {
         }
     }
 
+    /// The pool itself, for the cluster's lease (`crate::cluster`).
+    pub(crate) fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// The database's own clock in milliseconds, as SQL: leases are judged by one clock, not
+    /// by each replica's.
+    pub(crate) fn now_sql(&self) -> &'static str {
+        match self.dialect {
+            Dialect::Sqlite => "CAST((julianday('now') - 2440587.5) * 86400000 AS BIGINT)",
+            Dialect::Postgres => "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT",
+        }
+    }
+
     async fn migrate(&self) -> Result<(), StoreError> {
+        match self.dialect {
+            Dialect::Sqlite => self.migrate_unlocked().await,
+            Dialect::Postgres => {
+                let mut lock = self.pool.acquire().await?;
+                sqlx::query("SELECT pg_advisory_lock($1)")
+                    .bind(MIGRATION_LOCK)
+                    .execute(&mut *lock)
+                    .await?;
+                let result = self.migrate_unlocked().await;
+                let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+                    .bind(MIGRATION_LOCK)
+                    .execute(&mut *lock)
+                    .await;
+                result
+            }
+        }
+    }
+
+    async fn migrate_unlocked(&self) -> Result<(), StoreError> {
         sqlx::query(
             "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at_ms BIGINT NOT NULL)",
         )
@@ -817,8 +872,37 @@ impl Store {
 
     /// Takes the device's next directive sequence number. It is persisted before the
     /// directive is signed, so no number is ever handed out twice, even across a crash.
-    pub async fn next_directive_seq(&self, device: &str) -> Result<u64, StoreError> {
+    /// Takes the device's next directive sequence number. With a `fence` (a replica of a
+    /// cluster), only while that lease is still held: checked in the same transaction, with
+    /// the lease row share-locked on PostgreSQL, so a takeover waits for this commit and every
+    /// number taken after it is refused to the old leader.
+    pub async fn next_directive_seq(
+        &self,
+        device: &str,
+        fence: Option<&crate::cluster::Fence>,
+    ) -> Result<u64, StoreError> {
         let mut tx = self.begin_write().await?;
+        if let Some(fence) = fence {
+            let lock = match self.dialect {
+                Dialect::Sqlite => "",
+                Dialect::Postgres => " FOR SHARE",
+            };
+            let held: Option<i64> = sqlx::query_scalar(AssertSqlSafe(format!(
+                "SELECT epoch FROM leases WHERE name = $1 AND holder = $2 AND epoch = $3 AND expires_at_ms > {}{lock}",
+                self.now_sql()
+            )))
+            .bind(crate::cluster::LEADER_LEASE)
+            .bind(&fence.holder)
+            .bind(fence.epoch)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if held.is_none() {
+                return Err(StoreError::NotLeader(format!(
+                    "the lease of epoch {} has passed to another replica or lapsed",
+                    fence.epoch
+                )));
+            }
+        }
         sqlx::query("UPDATE devices SET directive_seq = directive_seq + 1 WHERE id = $1")
             .bind(device)
             .execute(&mut *tx)
@@ -831,6 +915,65 @@ impl Store {
         tx.commit().await?;
         let seq = seq.ok_or_else(|| StoreError::Conflict(format!("no device {device}")))?;
         Ok(u64::try_from(seq).unwrap_or(0))
+    }
+
+    /// The sequence of the device's last stored directive.
+    pub async fn directive_seq(&self, device: &str) -> Result<Option<u64>, StoreError> {
+        let seq: Option<i64> = sqlx::query_scalar("SELECT seq FROM directives WHERE device = $1")
+            .bind(device)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(seq.map(|s| u64::try_from(s).unwrap_or(0)))
+    }
+
+    /// Devices whose last directive was issued at or after `since_ms`.
+    pub async fn directives_issued_since(&self, since_ms: i64) -> Result<Vec<String>, StoreError> {
+        let rows: Vec<String> = sqlx::query_scalar(
+            "SELECT device FROM directives WHERE issued_at_ms >= $1 ORDER BY device",
+        )
+        .bind(since_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
+
+    /// Asks the leader for a new directive for the device (a replica that does not lead
+    /// cannot sign one).
+    pub async fn request_directive(&self, device: &str, at_ms: i64) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO directive_requests (device, requested_at_ms) VALUES ($1, $2) ON CONFLICT (device) DO UPDATE SET requested_at_ms = excluded.requested_at_ms",
+        )
+        .bind(device)
+        .bind(at_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The open directive requests: (device, requested at), oldest first.
+    pub async fn directive_requests(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT device, requested_at_ms FROM directive_requests ORDER BY requested_at_ms",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect()
+    }
+
+    /// Closes a request answered by a directive, unless it was made again since.
+    pub async fn close_directive_request(
+        &self,
+        device: &str,
+        requested_at_ms: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM directive_requests WHERE device = $1 AND requested_at_ms <= $2")
+            .bind(device)
+            .bind(requested_at_ms)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     pub async fn save_directive(

@@ -264,12 +264,12 @@ async fn registry_and_device_rules() {
         assert_eq!(orphans.len(), 2, "{kind}");
         // Directive sequence numbers only grow.
         assert_eq!(
-            store.next_directive_seq("dev-3").await.unwrap(),
+            store.next_directive_seq("dev-3", None).await.unwrap(),
             1,
             "{kind}"
         );
         assert_eq!(
-            store.next_directive_seq("dev-3").await.unwrap(),
+            store.next_directive_seq("dev-3", None).await.unwrap(),
             2,
             "{kind}"
         );
