@@ -341,30 +341,6 @@ fn embedded_broker_and_sqlite_two_agents_serve_and_report() {
     );
 }
 
-/// A fresh PostgreSQL database (the server given by `DRIFTGATE_TEST_POSTGRES_URL`).
-fn fresh_postgres() -> String {
-    let admin = std::env::var("DRIFTGATE_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://driftgate:driftgate@127.0.0.1:5432/postgres".into());
-    let name = format!("driftgate_e2e_{}_{}", std::process::id(), free_port());
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        sqlx::any::install_default_drivers();
-        let pool = sqlx::AnyPool::connect(&admin)
-            .await
-            .unwrap_or_else(|e| panic!("connecting to {admin}: {e}"));
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&pool)
-            .await
-            .unwrap();
-        pool.close().await;
-    });
-    let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
-    format!("{base}/{name}")
-}
-
 #[test]
 fn mosquitto_and_postgres_two_agents_serve_and_report() {
     if !driftgate_tests::require_env(
@@ -380,7 +356,7 @@ fn mosquitto_and_postgres_two_agents_serve_and_report() {
     }
     let work = tempfile::tempdir().unwrap();
     let data_dir = work.path().join("server");
-    let database = fresh_postgres();
+    let database = common::fresh_postgres();
     // The server's keys, CA, broker certificate and CRL first: Mosquitto needs them.
     run_ok(
         Command::new(binary("fleet-server"))

@@ -116,6 +116,13 @@ struct ConfigArgs {
     /// Trust manifests signed by this release public key (repeatable; adds to the file's).
     #[arg(long = "release-key")]
     release_keys: Vec<PathBuf>,
+    /// Run as this replica of several (needs --database postgres://… and --broker; see
+    /// docs/scale-out.md).
+    #[arg(long)]
+    replica: Option<String>,
+    /// The leader lease of a replica, in seconds (default 6).
+    #[arg(long)]
+    lease_secs: Option<u64>,
 }
 
 impl ConfigArgs {
@@ -153,6 +160,12 @@ impl ConfigArgs {
             .trust
             .release_keys
             .extend(self.release_keys.iter().cloned());
+        if let Some(replica) = &self.replica {
+            config.cluster.replica = Some(replica.clone());
+        }
+        if let Some(secs) = self.lease_secs {
+            config.cluster.lease_secs = secs;
+        }
         let source = self
             .config
             .clone()

@@ -31,6 +31,19 @@ pub struct Fleet {
     server: Option<Process>,
     starts: u32,
     mosquitto: Option<Mosquitto>,
+    /// `--data-dir` and, on PostgreSQL, `--database`: what `fleet-server token create` needs.
+    store_flags: Vec<String>,
+    /// The file the (first) server writes its endpoints to.
+    endpoints: PathBuf,
+    /// Further replicas of a scale-out, by name.
+    replicas: std::collections::BTreeMap<String, Replica>,
+}
+
+/// A further `fleet-server` replica of a scale-out.
+pub struct Replica {
+    /// `http://127.0.0.1:PORT`
+    pub url: String,
+    process: Process,
 }
 
 impl Fleet {
@@ -61,6 +74,80 @@ impl Fleet {
         Fleet::launch(work, port, flags, Some(mosquitto))
     }
 
+    /// A scale-out (issue 10): `fleet-server` replica `first` with Mosquitto
+    /// (`DRIFTGATE_TEST_MOSQUITTO`) and a fresh PostgreSQL database (`DRIFTGATE_TEST_POSTGRES`),
+    /// the leader lease `lease_secs` long. [`Fleet::start_replica`] adds more; they share the
+    /// data dir (keys, CA, blobs), as replicas on one machine would.
+    pub fn start_replicated(work: &Path, first: &str, lease_secs: u64) -> Fleet {
+        let data_dir = work.join("server");
+        let database = fresh_postgres();
+        run_ok(
+            Command::new(binary("fleet-server"))
+                .args(["init", "--data-dir"])
+                .arg(&data_dir)
+                .args(["--database", &database]),
+        );
+        let mosquitto = Mosquitto::start_for(work, &data_dir);
+        let (port, mut flags) = (mosquitto.port, mosquitto.server_flags.clone());
+        flags.extend([
+            "--database".to_string(),
+            database,
+            "--replica".into(),
+            first.into(),
+            "--lease-secs".into(),
+            lease_secs.to_string(),
+        ]);
+        Fleet::launch(work, port, flags, Some(mosquitto))
+    }
+
+    /// Starts another replica of this scale-out, its API on a port of its own; returns its URL.
+    pub fn start_replica(&mut self, name: &str) -> String {
+        let api_port = free_port();
+        let mut args = self.args.clone();
+        let mut set = |flag: &str, value: String| {
+            let at = args
+                .iter()
+                .position(|a| a == flag)
+                .unwrap_or_else(|| panic!("{flag} is not among the server's flags"));
+            args[at + 1] = value;
+        };
+        set("--api-listen", format!("127.0.0.1:{api_port}"));
+        set("--replica", name.to_string());
+        let log = self.work.join(format!("server-{name}.log"));
+        let mut process = Process::start(
+            "fleet-server",
+            Command::new(binary("fleet-server")).args(&args),
+            log,
+        );
+        let endpoints = self.data_dir.join(format!("endpoints-{name}.json"));
+        wait_for_endpoints(&mut process, &endpoints);
+        let url = format!("http://127.0.0.1:{api_port}");
+        self.replicas.insert(
+            name.to_string(),
+            Replica {
+                url: url.clone(),
+                process,
+            },
+        );
+        url
+    }
+
+    /// SIGKILLs a replica started with [`Fleet::start_replica`].
+    pub fn kill_replica(&mut self, name: &str) {
+        self.replicas
+            .remove(name)
+            .unwrap_or_else(|| panic!("no replica {name}"))
+            .process
+            .sigkill();
+    }
+
+    /// `GET /api/v1/cluster` of the server at `url`.
+    pub fn cluster(&self, url: &str) -> Option<Value> {
+        ApiClient::new(url, Some(self.token.clone()))
+            .get("/api/v1/cluster")
+            .ok()
+    }
+
     fn launch(
         work: &Path,
         mqtt_port: u16,
@@ -86,6 +173,20 @@ impl Fleet {
             keys.join("release.pub").display().to_string(),
         ];
         args.extend(broker_flags);
+        let mut store_flags = vec!["--data-dir".to_string(), data_dir.display().to_string()];
+        let flag_value = |flag: &str| {
+            args.iter()
+                .position(|a| a == flag)
+                .and_then(|at| args.get(at + 1))
+                .cloned()
+        };
+        if let Some(database) = flag_value("--database") {
+            store_flags.extend(["--database".to_string(), database]);
+        }
+        let endpoints = match flag_value("--replica") {
+            Some(replica) => data_dir.join(format!("endpoints-{replica}.json")),
+            None => data_dir.join("endpoints.json"),
+        };
         let mut fleet = Fleet {
             work: work.to_path_buf(),
             data_dir,
@@ -98,12 +199,15 @@ impl Fleet {
             server: None,
             starts: 0,
             mosquitto,
+            store_flags,
+            endpoints,
+            replicas: Default::default(),
         };
         fleet.start_server();
         let out = run_ok(
             Command::new(binary("fleet-server"))
-                .args(["token", "create", "--role", "admin", "--data-dir"])
-                .arg(&fleet.data_dir),
+                .args(["token", "create", "--role", "admin"])
+                .args(&fleet.store_flags),
         );
         fleet.token = out.trim().to_string();
         fleet
@@ -126,17 +230,7 @@ impl Fleet {
             Command::new(binary("fleet-server")).args(&self.args),
             log,
         );
-        let endpoints = self.data_dir.join("endpoints.json");
-        wait_for(
-            "the server's endpoints.json",
-            Duration::from_secs(60),
-            || {
-                server.assert_running();
-                let bytes = std::fs::read(&endpoints).ok()?;
-                let v: Value = serde_json::from_slice(&bytes).ok()?;
-                (v["pid"].as_u64() == Some(u64::from(server.child.id()))).then_some(())
-            },
-        );
+        wait_for_endpoints(&mut server, &self.endpoints);
         self.server = Some(server);
     }
 
@@ -626,4 +720,43 @@ fn libfaketime() -> Result<PathBuf, String> {
          or set DRIFTGATE_LIBFAKETIME"
             .to_string()
     })
+}
+
+/// Waits until `server` wrote its pid to `endpoints` (it listens then).
+fn wait_for_endpoints(server: &mut Process, endpoints: &Path) {
+    wait_for(
+        &format!("the server's {}", endpoints.display()),
+        Duration::from_secs(60),
+        || {
+            server.assert_running();
+            let bytes = std::fs::read(endpoints).ok()?;
+            let v: Value = serde_json::from_slice(&bytes).ok()?;
+            (v["pid"].as_u64() == Some(u64::from(server.child.id()))).then_some(())
+        },
+    );
+}
+
+/// A fresh PostgreSQL database on the server `DRIFTGATE_TEST_POSTGRES_URL` names (a role that
+/// may create databases; default the one `.ci/run` creates). Returns its URL.
+pub fn fresh_postgres() -> String {
+    let admin = std::env::var("DRIFTGATE_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://driftgate:driftgate@127.0.0.1:5432/postgres".into());
+    let name = format!("driftgate_e2e_{}_{}", std::process::id(), free_port());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    runtime.block_on(async {
+        sqlx::any::install_default_drivers();
+        let pool = sqlx::AnyPool::connect(&admin)
+            .await
+            .unwrap_or_else(|e| panic!("connecting to {admin}: {e}"));
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&pool)
+            .await
+            .unwrap_or_else(|e| panic!("creating {name}: {e}"));
+        pool.close().await;
+    });
+    let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
+    format!("{base}/{name}")
 }
