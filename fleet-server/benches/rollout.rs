@@ -24,30 +24,25 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use edge_agent::directive::model_ref;
-use edge_agent::link::AGENT_VERSION;
-use fleet_protocol::keys::verifying_key_from_pem;
-use fleet_protocol::state::{InstallPhase, ModelState, Presence, State, Status};
-use fleet_protocol::{
-    check_release_order, decode, encode, verify_directive, verify_manifest, DeviceId, Envelope,
-    KeyRing, Manifest, TopicKind, Topics, TrustError, V1,
-};
+use fleet_protocol::state::State;
+use fleet_protocol::{DeviceId, Topics};
 use fleet_server::config::ServerConfig;
-use fleet_server::fleet::{Bundle, Fleet};
+use fleet_server::fleet::Fleet;
 use fleet_server::rollout::spec::Stage;
 use fleet_server::rollout::{FailurePolicy, Gates, Outcome, Phase, RolloutRequest, StageSize};
 use fleet_server::rollout_runner::Actor;
-use fleet_server::store::{now_ms, AuditEntry};
-use fleet_server::{keyfile, release, server};
-use rumqttc::{
-    AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
+use fleet_server::server;
+use fleet_server::sim::{
+    device_options, sign_versions, SignedVersion, SimConfig, SimDevice, SimStats, Trust,
 };
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use fleet_server::store::AuditEntry;
+use rumqttc::AsyncClient;
+use tokio::sync::Semaphore;
 
 const MODEL: &str = "digits-mlp";
 /// The staged rollout that is timed; the last stage must be 100 %.
@@ -159,54 +154,9 @@ fn raise_fd_limit(needed: u64) -> Result<u64> {
     Ok(raised.rlim_cur)
 }
 
-/// A signed model version, ready to push.
-struct Signed {
-    version: String,
-    model: PathBuf,
-    manifest_bytes: Vec<u8>,
-}
-
-/// Signs digits-mlp v1 … v`last` with a fresh release key in `dir` (tract checks each
-/// self-test, as `fleetctl model sign` does). v1 and v2 are the repository's models; later
-/// versions are v2's bytes under a new version and release counter: the simulated agents never
-/// load an artifact, so a version only needs to be a distinct, validly signed release.
-fn sign_models(dir: &Path, last: usize) -> Result<Vec<Signed>> {
-    let models = repo_root().join("models").join(MODEL);
-    keyfile::generate(&dir.join("keys"), "release").context("generating the release key")?;
-    let key = keyfile::read_signing_key(&dir.join("keys/release.pem"))?;
-    let mut out = Vec::new();
-    for n in 1..=last.max(2) {
-        let version = format!("v{n}");
-        let source = if n == 1 { "v1" } else { "v2" };
-        let model = dir.join(format!("{MODEL}-{version}.onnx"));
-        std::fs::copy(models.join(format!("{source}.onnx")), &model)
-            .with_context(|| format!("copying {MODEL} {source} from {}", models.display()))?;
-        let signed = release::sign_model(
-            &release::SignRequest {
-                model: model.clone(),
-                name: MODEL.parse()?,
-                version: version.parse()?,
-                release: None,
-                self_test: Some(models.join(format!("{source}.selftest.json"))),
-                profile: None,
-                min_agent_version: None,
-                created_at_ms: now_ms(),
-            },
-            &key,
-        )
-        .with_context(|| format!("signing {MODEL}@{version}"))?;
-        out.push(Signed {
-            version,
-            model,
-            manifest_bytes: encode(&signed.envelope),
-        });
-    }
-    Ok(out)
-}
-
 /// Pushes a signed version through the registry, as the REST API's push does (manifest
 /// verified against the trusted release keys, artifact staged, hashed and checked).
-async fn push(fleet: &Fleet, signed: &Signed) -> Result<()> {
+async fn push(fleet: &Fleet, signed: &SignedVersion) -> Result<()> {
     let (_, manifest) = fleet
         .registry
         .verify_envelope(&signed.manifest_bytes)
@@ -220,230 +170,6 @@ async fn push(fleet: &Fleet, signed: &Signed) -> Result<()> {
         .await
         .with_context(|| format!("pushing {MODEL}@{}", signed.version))?;
     Ok(())
-}
-
-/// What a device trusts, read from its enrollment bundle (every bundle of a fleet names the
-/// same keys, so the agents share one copy).
-struct Trust {
-    fleet: KeyRing,
-    release: KeyRing,
-}
-
-fn bundle_file<'a>(bundle: &'a Bundle, name: &str) -> Result<&'a str> {
-    bundle
-        .files
-        .iter()
-        .find(|f| f.name == name)
-        .map(|f| f.contents.as_str())
-        .with_context(|| format!("the bundle of {} has no {name}", bundle.device))
-}
-
-fn trust_of(bundle: &Bundle) -> Result<Trust> {
-    let ring = |name: &str| -> Result<KeyRing> {
-        let mut ring = KeyRing::new();
-        ring.insert(verifying_key_from_pem(bundle_file(bundle, name)?).context(name.to_string())?);
-        Ok(ring)
-    };
-    Ok(Trust {
-        fleet: ring("fleet.pub")?,
-        release: ring("release-0.pub")?,
-    })
-}
-
-/// The MQTT options of a device's session, as the agent's link sets them: its certificate,
-/// the broker's CA, a persistent session, the packet limit, and a retained offline will.
-fn agent_options(bundle: &Bundle, port: u16, topics: &Topics) -> Result<MqttOptions> {
-    let device = DeviceId::new(&bundle.device)?;
-    let mut options = MqttOptions::new(device.as_str(), "localhost", port);
-    let limit = fleet_protocol::limits::MAX_MQTT_PACKET_BYTES;
-    options
-        .set_keep_alive(Duration::from_secs(60))
-        .set_clean_session(false)
-        .set_max_packet_size(limit, limit)
-        .set_last_will(LastWill::new(
-            topics.topic(&device, TopicKind::Status),
-            status(Presence::Offline),
-            QoS::AtLeastOnce,
-            true,
-        ))
-        .set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
-            ca: bundle_file(bundle, "ca.pem")?.as_bytes().to_vec(),
-            alpn: None,
-            client_auth: Some((
-                bundle_file(bundle, "device.pem")?.as_bytes().to_vec(),
-                bundle_file(bundle, "device.key")?.as_bytes().to_vec(),
-            )),
-        }));
-    Ok(options)
-}
-
-fn status(state: Presence) -> Vec<u8> {
-    encode(&Status {
-        v: V1,
-        state,
-        at_ms: now_ms(),
-        agent_version: AGENT_VERSION.to_string(),
-    })
-}
-
-/// Counters the agents share with the bench.
-#[derive(Default)]
-struct Progress {
-    /// Agents whose first subscription was acknowledged.
-    connected: AtomicU64,
-    /// Directives verified and applied (a state report published for each).
-    applied: AtomicU64,
-    /// Directives refused: none should be.
-    refused: AtomicU64,
-    /// Connection errors (each followed by a reconnect).
-    link_errors: AtomicU64,
-}
-
-/// One simulated agent: the control path of `edge_agent::directive` without the install.
-struct SimAgent {
-    device: DeviceId,
-    topics: Topics,
-    trust: Arc<Trust>,
-    /// The last directive accepted.
-    accepted_seq: Option<u64>,
-    /// By model name.
-    models: BTreeMap<String, ModelState>,
-}
-
-impl SimAgent {
-    fn state(&self) -> State {
-        State {
-            v: V1,
-            device: self.device.clone(),
-            agent_version: AGENT_VERSION.to_string(),
-            at_ms: now_ms(),
-            directive_seq: self.accepted_seq,
-            models: self.models.values().cloned().collect(),
-            refused: None,
-            conditions: Vec::new(),
-        }
-    }
-
-    /// Verifies a directive as the agent does and applies it at once: each model it names
-    /// becomes active (the one before it kept as previous), models it no longer names are
-    /// retired. `Ok(false)`: the retained directive already applied, delivered again after a
-    /// reconnect. A directive is taken whole or not at all.
-    fn apply(&mut self, payload: &[u8]) -> Result<bool, String> {
-        let envelope: Envelope = decode(payload).map_err(|e| format!("undecodable: {e}"))?;
-        let directive = match verify_directive(
-            &envelope,
-            &self.trust.fleet,
-            &self.device,
-            self.accepted_seq,
-            now_ms(),
-        ) {
-            Ok(directive) => directive,
-            Err(TrustError::ReplayedSequence { seq, .. }) if Some(seq) == self.accepted_seq => {
-                return Ok(false)
-            }
-            Err(e) => return Err(format!("{}: {e}", e.label())),
-        };
-        let mut wanted: BTreeMap<String, Manifest> = BTreeMap::new();
-        for model in &directive.models {
-            let manifest = verify_manifest(&model.manifest, &self.trust.release)
-                .map_err(|e| format!("{}: {e}", e.label()))?;
-            let running = self
-                .models
-                .get(manifest.name.as_str())
-                .and_then(|m| m.active.as_ref())
-                .map(|a| a.release);
-            check_release_order(&manifest, running, model.rollback)
-                .map_err(|e| format!("{}: {e}", e.label()))?;
-            wanted.insert(manifest.name.as_str().to_string(), manifest);
-        }
-        self.models.retain(|name, _| wanted.contains_key(name));
-        for (name, manifest) in wanted {
-            let target = model_ref(&manifest);
-            let state = self.models.entry(name).or_insert_with(|| ModelState {
-                name: manifest.name.clone(),
-                active: None,
-                previous: None,
-                target: None,
-                installed: Vec::new(),
-                phase: InstallPhase::Idle,
-            });
-            if state.active.as_ref() != Some(&target) {
-                state.previous = state.active.replace(target.clone());
-            }
-            if !state.installed.contains(&target) {
-                state.installed.push(target.clone());
-            }
-            state.target = Some(target);
-            state.phase = InstallPhase::Active;
-        }
-        self.accepted_seq = Some(directive.seq);
-        Ok(true)
-    }
-
-    /// Drives the session for as long as the bench runs. The connect permit is held until
-    /// the first subscription is acknowledged, which bounds the TLS handshakes in flight.
-    async fn run(
-        mut self,
-        client: AsyncClient,
-        mut eventloop: EventLoop,
-        permit: OwnedSemaphorePermit,
-        progress: Arc<Progress>,
-    ) {
-        let mut permit = Some(permit);
-        let directive_topic = self.topics.topic(&self.device, TopicKind::Directive);
-        let state_topic = self.topics.topic(&self.device, TopicKind::State);
-        let status_topic = self.topics.topic(&self.device, TopicKind::Status);
-        // `try_` variants, as in the agent's link: the request queue is drained by this very
-        // loop, so awaiting a full queue here would deadlock. It has room for what one
-        // event queues (at most three requests).
-        let publish_state = |agent: &SimAgent| {
-            let _ =
-                client.try_publish(&state_topic, QoS::AtLeastOnce, true, encode(&agent.state()));
-        };
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    // As the agent: subscribe on every ConnAck (a broker may have lost the
-                    // session), announce presence, make sure the retained state is current.
-                    let _ = client.try_subscribe(&directive_topic, QoS::AtLeastOnce);
-                    let _ = client.try_publish(
-                        &status_topic,
-                        QoS::AtLeastOnce,
-                        true,
-                        status(Presence::Online),
-                    );
-                    publish_state(&self);
-                }
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    if permit.take().is_some() {
-                        progress.connected.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) if p.topic == directive_topic => {
-                    match self.apply(&p.payload) {
-                        Ok(true) => {
-                            publish_state(&self);
-                            progress.applied.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Ok(false) => {}
-                        Err(reason) => {
-                            if progress.refused.fetch_add(1, Ordering::Relaxed) < 5 {
-                                eprintln!("  {}: directive refused: {reason}", self.device);
-                            }
-                        }
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    if progress.link_errors.fetch_add(1, Ordering::Relaxed) < 5 {
-                        eprintln!("  {}: connection error: {e}; reconnecting", self.device);
-                    }
-                    // The next poll reconnects; do not spin on a broker that refuses.
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-            }
-        }
-    }
 }
 
 /// Polls `probe` every `every` until it returns `Some`, printing `describe()` once a second;
@@ -694,7 +420,7 @@ fn print_measured(m: &Measured, agents: usize) {
 async fn run_fleet(
     agents: usize,
     args: &Args,
-    signed: &[Signed],
+    signed: &[SignedVersion],
     keys: &Path,
 ) -> Result<Vec<Measured>> {
     println!("\n{agents} simulated agents");
@@ -734,30 +460,30 @@ async fn run_fleet(
         "  enrolled {agents} devices in {:.1} s (certificate from the device CA each)",
         started.elapsed().as_secs_f64()
     );
-    let trust = Arc::new(trust_of(bundles.first().context("no device enrolled")?)?);
+    let trust = Arc::new(Trust::of(bundles.first().context("no device enrolled")?)?);
 
     // Connect with bounded concurrency: at most `connect_concurrency` TLS handshakes and
     // first subscriptions in flight; the rest wait for a permit.
     let started = Instant::now();
-    let progress = Arc::new(Progress::default());
+    let progress = Arc::new(SimStats::default());
     let gate = Arc::new(Semaphore::new(args.connect_concurrency));
     let mut tasks = Vec::with_capacity(agents);
     let mut last_print = Instant::now();
     for bundle in &bundles {
         let permit = gate.clone().acquire_owned().await?;
-        let (client, eventloop) = AsyncClient::new(agent_options(bundle, port, &topics)?, 16);
-        let agent = SimAgent {
-            device: DeviceId::new(&bundle.device)?,
-            topics: topics.clone(),
-            trust: trust.clone(),
-            accepted_seq: None,
-            models: BTreeMap::new(),
-        };
+        let (client, eventloop) =
+            AsyncClient::new(device_options(bundle, "localhost", port, &topics)?, 16);
+        let agent = SimDevice::new(
+            DeviceId::new(&bundle.device)?,
+            topics.clone(),
+            trust.clone(),
+        );
         tasks.push(tokio::spawn(agent.run(
             client,
             eventloop,
-            permit,
+            Some(permit),
             progress.clone(),
+            SimConfig::default(),
         )));
         if last_print.elapsed() >= Duration::from_secs(1) {
             last_print = Instant::now();
@@ -883,7 +609,12 @@ fn main() -> Result<()> {
     println!("  (first v1 goes to every device in one stage, so each has a previous version)");
 
     let work = tempfile::tempdir()?;
-    let signed = sign_models(work.path(), args.runs + 1)?;
+    let signed = sign_versions(
+        &repo_root().join("models"),
+        MODEL,
+        work.path(),
+        args.runs + 1,
+    )?;
     let keys = work.path().join("keys");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

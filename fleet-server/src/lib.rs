@@ -27,4 +27,5 @@ pub mod release; // signing a model's manifest, verifying a model against its ma
 pub mod rollout; // rollouts, pure: stage sizes and sticky device selection, specs, gates, the engine state machine
 pub mod rollout_runner; // the engine's loop: facts and gate figures from the store, actions through the fleet, audit
 pub mod server; // wires it all together: data dir, keys, store, broker, session, workers, API
+pub mod sim; // simulated devices for fleet-sim and the benchmarks: real mTLS sessions, real signature checks, telemetry
 pub mod store; // one SQL layer over SQLite and PostgreSQL (sqlx Any), with migrations

@@ -1064,6 +1064,9 @@ impl Store {
         let acked = u64::try_from(acked).unwrap_or(0);
         let (mut stored, mut duplicates) = (0u64, 0u64);
         let mut latest_health: Option<(i64, String)> = None;
+        // Telemetry totals change once per model release and batch, however many intervals
+        // the batch carries (an agent back from a long offline period sends hundreds).
+        let mut telemetry: BTreeMap<(String, i64), TelemetryDelta> = BTreeMap::new();
         // Many rows per statement: one round trip per chunk, not per item. RETURNING names
         // the rows that were new, so a resent item has no side effects a second time.
         for chunk in batch.items.chunks(INSERT_CHUNK) {
@@ -1146,11 +1149,17 @@ impl Store {
                         merge_drift(tx, device, window).await?;
                     }
                     ItemBody::Telemetry(t) => {
-                        merge_telemetry(tx, device, item.at_ms, t).await?;
+                        telemetry
+                            .entry((t.model.as_str().to_string(), t.release as i64))
+                            .or_default()
+                            .add(item.at_ms, t);
                     }
                     _ => {}
                 }
             }
+        }
+        for ((model, release), delta) in &telemetry {
+            merge_telemetry(tx, device, model, *release, delta).await?;
         }
         if let Some((at_ms, health)) = latest_health {
             sqlx::query(
@@ -1587,36 +1596,65 @@ async fn merge_drift(
     Ok(())
 }
 
-/// Adds one telemetry report into the device's totals for its model release.
+/// Telemetry of one model release, added up over the items of a batch.
+#[derive(Default)]
+struct TelemetryDelta {
+    reports: i64,
+    inferences: i64,
+    errors: i64,
+    latency: LatencyHistogram,
+    first_ms: i64,
+    last_ms: i64,
+}
+
+impl TelemetryDelta {
+    fn add(&mut self, at_ms: i64, t: &Telemetry) {
+        if self.reports == 0 {
+            (self.first_ms, self.last_ms) = (at_ms, at_ms);
+        }
+        self.reports += 1;
+        self.inferences = self
+            .inferences
+            .saturating_add(i64::try_from(t.inferences).unwrap_or(i64::MAX));
+        self.errors = self
+            .errors
+            .saturating_add(i64::try_from(t.errors.values().sum::<u64>()).unwrap_or(i64::MAX));
+        self.latency.merge(&t.latency);
+        self.first_ms = self.first_ms.min(at_ms);
+        self.last_ms = self.last_ms.max(at_ms);
+    }
+}
+
+/// Adds `delta` to the device's running totals of one model release.
 async fn merge_telemetry(
     tx: &mut sqlx::Transaction<'static, sqlx::Any>,
     device: &str,
-    at_ms: i64,
-    t: &Telemetry,
+    model: &str,
+    release: i64,
+    delta: &TelemetryDelta,
 ) -> Result<(), StoreError> {
-    let key = (t.model.as_str(), t.release as i64);
     let row = sqlx::query(
         "SELECT reports, inferences, errors, latency, first_ms, last_ms FROM telemetry_merged WHERE device = $1 AND model = $2 AND release = $3",
     )
     .bind(device)
-    .bind(key.0)
-    .bind(key.1)
+    .bind(model)
+    .bind(release)
     .fetch_optional(&mut **tx)
     .await?;
-    let inferences = i64::try_from(t.inferences).unwrap_or(i64::MAX);
-    let errors = i64::try_from(t.errors.values().sum::<u64>()).unwrap_or(i64::MAX);
     match row {
         None => {
             sqlx::query(
-                "INSERT INTO telemetry_merged (device, model, release, reports, inferences, errors, latency, first_ms, last_ms) VALUES ($1, $2, $3, 1, $4, $5, $6, $7, $7)",
+                "INSERT INTO telemetry_merged (device, model, release, reports, inferences, errors, latency, first_ms, last_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
             )
             .bind(device)
-            .bind(key.0)
-            .bind(key.1)
-            .bind(inferences)
-            .bind(errors)
-            .bind(json_string(&t.latency))
-            .bind(at_ms)
+            .bind(model)
+            .bind(release)
+            .bind(delta.reports)
+            .bind(delta.inferences)
+            .bind(delta.errors)
+            .bind(json_string(&delta.latency))
+            .bind(delta.first_ms)
+            .bind(delta.last_ms)
             .execute(&mut **tx)
             .await?;
         }
@@ -1628,19 +1666,19 @@ async fn merge_telemetry(
             let first: i64 = row.try_get(4)?;
             let last: i64 = row.try_get(5)?;
             let mut latency: LatencyHistogram = parse_json(&latency, "merged latency histogram")?;
-            latency.merge(&t.latency);
+            latency.merge(&delta.latency);
             sqlx::query(
                 "UPDATE telemetry_merged SET reports = $1, inferences = $2, errors = $3, latency = $4, first_ms = $5, last_ms = $6 WHERE device = $7 AND model = $8 AND release = $9",
             )
-            .bind(reports + 1)
-            .bind(inferences_before.saturating_add(inferences))
-            .bind(errors_before.saturating_add(errors))
+            .bind(reports.saturating_add(delta.reports))
+            .bind(inferences_before.saturating_add(delta.inferences))
+            .bind(errors_before.saturating_add(delta.errors))
             .bind(json_string(&latency))
-            .bind(first.min(at_ms))
-            .bind(last.max(at_ms))
+            .bind(first.min(delta.first_ms))
+            .bind(last.max(delta.last_ms))
             .bind(device)
-            .bind(key.0)
-            .bind(key.1)
+            .bind(model)
+            .bind(release)
             .execute(&mut **tx)
             .await?;
         }
@@ -1669,7 +1707,9 @@ async fn backfill_telemetry(
             let at_ms: i64 = r.try_get(2)?;
             let body: String = r.try_get(3)?;
             if let Ok(ItemBody::Telemetry(t)) = serde_json::from_str::<ItemBody>(&body) {
-                merge_telemetry(tx, &device, at_ms, &t).await?;
+                let mut delta = TelemetryDelta::default();
+                delta.add(at_ms, &t);
+                merge_telemetry(tx, &device, t.model.as_str(), t.release as i64, &delta).await?;
             }
             after = (device, r.try_get(1)?);
         }

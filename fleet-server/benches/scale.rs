@@ -1,0 +1,704 @@
+//! Scale-out benchmark (issue 10): thousands of simulated devices on one Mosquitto, the fleet
+//! server as real processes on PostgreSQL.
+//!
+//! ```text
+//! cargo bench -p fleet-server --bench scale                       # 10,000 devices
+//! cargo bench -p fleet-server --bench scale -- --devices 1000 --ingest-secs 10
+//! ```
+//!
+//! Needs `mosquitto` on the PATH (or `$MOSQUITTO`) and a PostgreSQL role that may create
+//! databases (`--postgres URL`, else `$DRIFTGATE_TEST_POSTGRES_URL`, else the one `.ci/run`
+//! creates).
+//!
+//! 1. A fresh database; `fleet-server init`; Mosquitto from the repository's template
+//!    (mutual TLS for devices, a password listener for the servers); replica `r1` as a
+//!    process (`fleet-server run --replica r1`, engine tick `--tick-ms`).
+//! 2. digits-mlp v1–v3 signed and pushed with `fleetctl`; the devices enrolled through the
+//!    REST API (a certificate from the device CA each).
+//! 3. One simulated device per enrollment (`fleet_server::sim`), all in this process: a real
+//!    MQTT session over mutual TLS with its own certificate, real signature checks of every
+//!    directive and manifest, state reports, telemetry batches acked by the server. Printed:
+//!    the time until every device is connected and subscribed.
+//! 4. v1 to every device (one stage), then the timed rollout of v2 in three stages
+//!    (10 % → 50 % → 100 %, zero soak, gates on installs only): the time from its creation
+//!    until it is completed and every device reports v2 (target ≤ 60 s), and the server's CPU
+//!    and RSS meanwhile.
+//! 5. Ingest: every device uploads a batch of `--batch-items` telemetry items each second,
+//!    waiting for the ack of one before the next, as the agent's uplink does (so the offered
+//!    load follows what the server stores). Items stored per second over `--ingest-secs`,
+//!    first with `r1` alone, then with replica `r2` started beside it (shared subscriptions
+//!    spread the devices' batches); the ratio of the two is printed.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use driftgate_tests::{free_port, Process};
+use fleet_protocol::{DeviceId, Topics};
+use fleet_server::client::ApiClient;
+use fleet_server::fleet::Bundle;
+use fleet_server::sim::{device_options, sign_versions, SimConfig, SimDevice, SimStats, Trust};
+use serde_json::{json, Value};
+use tokio::sync::Semaphore;
+
+const MODEL: &str = "digits-mlp";
+const CONVERGE_TARGET: Duration = Duration::from_secs(60);
+
+struct Args {
+    devices: usize,
+    connect_concurrency: usize,
+    tick_ms: u64,
+    batch_items: usize,
+    ingest_secs: u64,
+    postgres: String,
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        devices: 10_000,
+        connect_concurrency: 64,
+        tick_ms: 200,
+        batch_items: 20,
+        ingest_secs: 20,
+        postgres: std::env::var("DRIFTGATE_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://driftgate:driftgate@127.0.0.1:5432/postgres".into()),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut number = |default: u64| -> u64 {
+            it.next()
+                .and_then(|v| v.parse().ok())
+                .filter(|&n| n > 0)
+                .unwrap_or(default)
+        };
+        match arg.as_str() {
+            "--devices" => args.devices = number(args.devices as u64) as usize,
+            "--connect-concurrency" => {
+                args.connect_concurrency = number(args.connect_concurrency as u64) as usize
+            }
+            "--tick-ms" => args.tick_ms = number(args.tick_ms),
+            "--batch-items" => args.batch_items = number(args.batch_items as u64) as usize,
+            "--ingest-secs" => args.ingest_secs = number(args.ingest_secs),
+            "--postgres" => {
+                if let Some(url) = it.next() {
+                    args.postgres = url;
+                }
+            }
+            "--bench" => {}
+            other => eprintln!("ignoring argument {other:?}"),
+        }
+    }
+    args
+}
+
+fn repo_root() -> PathBuf {
+    let manifest_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or(manifest_dir)
+}
+
+/// Raises the soft open-file limit towards the hard one (children inherit it: Mosquitto holds
+/// a socket per device too). Returns the limit in force.
+fn raise_fd_limit(needed: u64) -> Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct we pass, which lives for the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        bail!("getrlimit: {}", std::io::Error::last_os_error());
+    }
+    let raised = libc::rlimit {
+        rlim_cur: needed.max(limit.rlim_cur).min(limit.rlim_max),
+        rlim_max: limit.rlim_max,
+    };
+    // SAFETY: setrlimit only reads the struct we pass; up to the hard limit needs no privilege.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        bail!("setrlimit: {}", std::io::Error::last_os_error());
+    }
+    Ok(raised.rlim_cur)
+}
+
+/// CPU seconds (user + system) and resident KiB of a process, from /proc.
+fn cpu_and_rss(pid: u32) -> Option<(f64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some((ticks / hz, rss))
+}
+
+/// What a process used over a phase.
+struct Usage {
+    cpu_start: f64,
+    wall_start: Instant,
+}
+
+impl Usage {
+    fn start(pid: u32) -> Usage {
+        Usage {
+            cpu_start: cpu_and_rss(pid).map_or(0.0, |(cpu, _)| cpu),
+            wall_start: Instant::now(),
+        }
+    }
+
+    /// "N % of a core, RSS M MiB".
+    fn report(&self, pid: u32) -> String {
+        match cpu_and_rss(pid) {
+            Some((cpu, rss)) => format!(
+                "{:.0} % of a core, RSS {:.0} MiB",
+                100.0 * (cpu - self.cpu_start) / self.wall_start.elapsed().as_secs_f64(),
+                rss as f64 / 1024.0
+            ),
+            None => "gone".into(),
+        }
+    }
+}
+
+fn bin(name: &str) -> PathBuf {
+    match name {
+        "fleet-server" => PathBuf::from(env!("CARGO_BIN_EXE_fleet-server")),
+        _ => PathBuf::from(env!("CARGO_BIN_EXE_fleetctl")),
+    }
+}
+
+fn run_ok(command: &mut Command) -> Result<String> {
+    let out = command
+        .output()
+        .with_context(|| format!("running {command:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{command:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A fresh database on the PostgreSQL server `admin` names.
+async fn fresh_database(admin: &str) -> Result<String> {
+    sqlx::any::install_default_drivers();
+    let name = format!("driftgate_scale_{}", std::process::id());
+    let pool = sqlx::AnyPool::connect(admin)
+        .await
+        .with_context(|| format!("connecting to {admin} (--postgres URL)"))?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&pool)
+        .await?;
+    pool.close().await;
+    let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(admin);
+    Ok(format!("{base}/{name}"))
+}
+
+/// Mosquitto from the repository's template, for the server whose data dir `init` prepared.
+struct Mosquitto {
+    process: Process,
+    port: u16,
+    internal_port: u16,
+    password_file: PathBuf,
+}
+
+fn start_mosquitto(work: &Path, data_dir: &Path) -> Result<Mosquitto> {
+    use fleet_server::broker::{
+        mosquitto_acl, mosquitto_password_line, render_mosquitto_config, MosquittoVars,
+        MIN_PACKET_BYTES,
+    };
+    use std::os::unix::fs::PermissionsExt;
+    // Mosquitto drops root for its own user before it reads certificates.
+    let dir = work.join("mosquitto");
+    std::fs::create_dir_all(&dir)?;
+    for path in [work, data_dir, &data_dir.join("ca"), &dir] {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))?;
+    }
+    for file in ["server.pem", "server.key"] {
+        std::fs::copy(data_dir.join("broker").join(file), dir.join(file))?;
+    }
+    std::fs::set_permissions(
+        dir.join("server.key"),
+        std::fs::Permissions::from_mode(0o644),
+    )?;
+    let topics = Topics::default();
+    std::fs::write(dir.join("acl"), mosquitto_acl(&topics))?;
+    let password = format!("pw-{}", free_port());
+    std::fs::write(
+        dir.join("passwd"),
+        mosquitto_password_line("driftgate-server", &password)? + "\n",
+    )?;
+    let password_file = work.join("server-broker.pass");
+    std::fs::write(&password_file, &password)?;
+    let (port, internal_port) = (free_port(), free_port());
+    let vars = MosquittoVars {
+        bind_address: "127.0.0.1".into(),
+        port,
+        internal_port,
+        cafile: data_dir.join("ca/ca.pem"),
+        certfile: dir.join("server.pem"),
+        keyfile: dir.join("server.key"),
+        crlfile: data_dir.join("ca/crl.pem"),
+        aclfile: dir.join("acl"),
+        server_password_file: dir.join("passwd"),
+        topics,
+        max_packet_bytes: MIN_PACKET_BYTES,
+        persistence_dir: None,
+    };
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(&conf, render_mosquitto_config(&vars))?;
+    let mut process = Process::start(
+        "mosquitto",
+        Command::new(std::env::var("MOSQUITTO").unwrap_or_else(|_| "mosquitto".into()))
+            .arg("-c")
+            .arg(&conf),
+        dir.join("mosquitto.log"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ![port, internal_port]
+        .iter()
+        .all(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_ok())
+    {
+        process.assert_running();
+        if Instant::now() > deadline {
+            bail!("Mosquitto did not listen within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(Mosquitto {
+        process,
+        port,
+        internal_port,
+        password_file,
+    })
+}
+
+/// A `fleet-server run --replica NAME` process.
+struct Replica {
+    process: Process,
+    api: ApiClient,
+    url: String,
+    api_port: u16,
+}
+
+impl Replica {
+    fn pid(&self) -> u32 {
+        self.process.child.id()
+    }
+
+    /// `driftgate_server_items_stored_total` from its `/metrics`.
+    fn items_stored(&self) -> u64 {
+        let (_, text) = driftgate_tests::http_request(self.api_port, "GET", "/metrics", &[], &[]);
+        text.lines()
+            .find_map(|l| l.strip_prefix("driftgate_server_items_stored_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+struct Cluster {
+    work: PathBuf,
+    data_dir: PathBuf,
+    database: String,
+    mosquitto: Mosquitto,
+    release_pub: PathBuf,
+    tick_ms: u64,
+    token: String,
+}
+
+impl Cluster {
+    fn start_replica(&self, name: &str) -> Result<Replica> {
+        let api_port = free_port();
+        let config = self.work.join(format!("server-{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir = {:?}\ndatabase = {:?}\n[api]\nlisten = \"127.0.0.1:{api_port}\"\n\
+                 [broker]\nexternal = \"mqtt://127.0.0.1:{}\"\npassword_file = {:?}\n\
+                 public_url = \"mqtts://localhost:{}\"\n[trust]\nrelease_keys = [{:?}]\n\
+                 [rollouts]\ntick_ms = {}\n[cluster]\nreplica = \"{name}\"\n",
+                self.data_dir,
+                self.database,
+                self.mosquitto.internal_port,
+                self.mosquitto.password_file,
+                self.mosquitto.port,
+                self.release_pub,
+                self.tick_ms,
+            ),
+        )?;
+        let mut process = Process::start(
+            "fleet-server",
+            Command::new(bin("fleet-server"))
+                .args(["run", "--config"])
+                .arg(&config)
+                .env("RUST_LOG", "warn"),
+            self.work.join(format!("server-{name}.log")),
+        );
+        let endpoints = self.data_dir.join(format!("endpoints-{name}.json"));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            process.assert_running();
+            let pid = std::fs::read(&endpoints)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                .and_then(|v| v["pid"].as_u64());
+            if pid == Some(u64::from(process.child.id())) {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("replica {name} did not start within 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let url = format!("http://127.0.0.1:{api_port}");
+        Ok(Replica {
+            process,
+            api: ApiClient::new(&url, Some(self.token.clone())),
+            url,
+            api_port,
+        })
+    }
+}
+
+/// Enrolls `count` devices through the API on a few threads; returns their bundles.
+fn enroll(api: &ApiClient, count: usize) -> Result<Vec<Bundle>> {
+    let started = Instant::now();
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let threads = 4;
+    let bundles: Vec<Result<Vec<Bundle>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let done = &done;
+                scope.spawn(move || -> Result<Vec<Bundle>> {
+                    let mut out = Vec::new();
+                    for i in (t..count).step_by(threads) {
+                        let reply = api
+                            .post_json(
+                                "/api/v1/devices",
+                                &json!({"id": format!("sim-{i:05}"), "labels": {"fleet": "sim"}}),
+                            )
+                            .with_context(|| format!("enrolling sim-{i:05}"))?;
+                        out.push(serde_json::from_value(reply["bundle"].clone())?);
+                        let n = done.fetch_add(1, Ordering::Relaxed) + 1;
+                        if n.is_multiple_of(1000) {
+                            eprintln!(
+                                "  enrolled {n}/{count} ({:.0} s)",
+                                started.elapsed().as_secs_f64()
+                            );
+                        }
+                    }
+                    Ok(out)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| bail!("an enrolling thread panicked"))
+            })
+            .collect()
+    });
+    let mut all = Vec::with_capacity(count);
+    for part in bundles {
+        all.extend(part?);
+    }
+    Ok(all)
+}
+
+/// Polls `probe` every 100 ms until it gives a value, printing `describe()` every 2 s.
+fn wait_until<T>(
+    what: &str,
+    limit: Duration,
+    mut probe: impl FnMut() -> Option<T>,
+    describe: impl Fn() -> String,
+) -> Result<T> {
+    let started = Instant::now();
+    let mut printed = Instant::now();
+    loop {
+        if let Some(value) = probe() {
+            return Ok(value);
+        }
+        if started.elapsed() > limit {
+            bail!("{what}: not within {limit:?} ({})", describe());
+        }
+        if printed.elapsed() >= Duration::from_secs(2) {
+            printed = Instant::now();
+            eprintln!("  {what}: {}", describe());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Devices the fleet overview counts running `version` of the model.
+fn running(api: &ApiClient, version: &str) -> u64 {
+    let Ok(fleet) = api.get("/api/v1/fleet") else {
+        return 0;
+    };
+    fleet["models"]
+        .as_array()
+        .and_then(|models| models.iter().find(|m| m["model"] == MODEL))
+        .and_then(|m| m["running"][version].as_u64())
+        .unwrap_or(0)
+}
+
+/// Creates a rollout of `version` to every simulated device in `stages` (percent, zero soak,
+/// installs-only gates) and waits until it completed and every device reports `version`.
+fn rollout(api: &ApiClient, version: &str, stages: &[f64], devices: usize) -> Result<Duration> {
+    let stages: Vec<Value> = stages
+        .iter()
+        .map(|p| json!({"size": {"percent": p}, "soak_secs": 0}))
+        .collect();
+    let started = Instant::now();
+    let created = api.post_json(
+        "/api/v1/rollouts",
+        &json!({
+            "model": MODEL, "version": version,
+            "selector": {"fleet": "sim"},
+            "stages": stages,
+            "gates": {"min_install_success_pct": 100.0, "max_error_rate_pct": null,
+                      "max_p95_ratio": null, "max_drift_score": null, "min_devices_reporting": 0},
+            "install_timeout_secs": 600
+        }),
+    )?;
+    let id = created["rollout"]["id"]
+        .as_str()
+        .context("the rollout has no id")?
+        .to_string();
+    let phase = || {
+        api.get(&format!("/api/v1/rollouts/{id}"))
+            .ok()
+            .and_then(|r| r["rollout"]["phase"].as_str().map(str::to_string))
+            .unwrap_or_default()
+    };
+    wait_until(
+        &format!("rollout of {version}"),
+        Duration::from_secs(900),
+        || {
+            let phase = phase();
+            if phase != "running" && phase != "completed" && !phase.is_empty() {
+                return Some(Err(anyhow::anyhow!(
+                    "the rollout of {version} ended {phase}"
+                )));
+            }
+            (phase == "completed" && running(api, version) == devices as u64).then_some(Ok(()))
+        },
+        || {
+            format!(
+                "{}, {}/{devices} devices report {version}",
+                phase(),
+                running(api, version)
+            )
+        },
+    )??;
+    Ok(started.elapsed())
+}
+
+/// Items stored per second by `replicas` over `secs`, after a warm-up.
+fn ingest_rate(replicas: &[&Replica], secs: u64) -> (f64, Vec<String>) {
+    std::thread::sleep(Duration::from_secs(5));
+    let stored = || replicas.iter().map(|r| r.items_stored()).sum::<u64>();
+    let usage: Vec<Usage> = replicas.iter().map(|r| Usage::start(r.pid())).collect();
+    let (before, started) = (stored(), Instant::now());
+    std::thread::sleep(Duration::from_secs(secs));
+    let rate = (stored() - before) as f64 / started.elapsed().as_secs_f64();
+    let reports = replicas
+        .iter()
+        .zip(&usage)
+        .map(|(r, u)| u.report(r.pid()))
+        .collect();
+    (rate, reports)
+}
+
+fn main() -> Result<()> {
+    let args = parse_args();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let fd_limit = raise_fd_limit(args.devices as u64 + 1024)?;
+    if fd_limit < args.devices as u64 + 256 {
+        bail!(
+            "{} devices need about {} open files and the limit is {fd_limit}: raise it (ulimit -Hn)",
+            args.devices,
+            args.devices + 256
+        );
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!(
+        "scale benchmark: {} simulated devices on one Mosquitto, fleet-server replicas on PostgreSQL; {cores} cores, engine tick {} ms",
+        args.devices, args.tick_ms
+    );
+
+    let work = tempfile::tempdir()?;
+    let work = work.path();
+    let signed = sign_versions(&repo_root().join("models"), MODEL, work, 2)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let database = rt.block_on(fresh_database(&args.postgres))?;
+    let data_dir = work.join("server");
+    run_ok(
+        Command::new(bin("fleet-server"))
+            .args(["init", "--data-dir"])
+            .arg(&data_dir)
+            .args(["--database", &database]),
+    )?;
+    let mosquitto = start_mosquitto(work, &data_dir)?;
+    let token = run_ok(
+        Command::new(bin("fleet-server"))
+            .args(["token", "create", "--role", "admin", "--data-dir"])
+            .arg(&data_dir)
+            .args(["--database", &database]),
+    )?
+    .trim()
+    .to_string();
+    let cluster = Cluster {
+        work: work.to_path_buf(),
+        data_dir: data_dir.clone(),
+        database,
+        mosquitto,
+        release_pub: work.join("keys/release.pub"),
+        tick_ms: args.tick_ms,
+        token,
+    };
+    let r1 = cluster.start_replica("r1")?;
+    let url = r1.url.clone();
+    for s in &signed {
+        let manifest = work.join(format!("{MODEL}-{}.manifest.json", s.version));
+        std::fs::write(&manifest, &s.manifest_bytes)?;
+        run_ok(
+            Command::new(bin("fleetctl"))
+                .args(["--server", &url, "--token", &cluster.token, "model", "push"])
+                .arg(&s.model)
+                .arg("--manifest")
+                .arg(&manifest),
+        )?;
+    }
+
+    let started = Instant::now();
+    let bundles = enroll(&r1.api, args.devices)?;
+    println!(
+        "  enrolled {} devices through the API in {:.1} s",
+        args.devices,
+        started.elapsed().as_secs_f64()
+    );
+
+    // The simulated devices, all in this process.
+    let stats = Arc::new(SimStats::default());
+    let trust = Arc::new(Trust::of(bundles.first().context("no device enrolled")?)?);
+    let topics = Topics::default();
+    let config = SimConfig {
+        telemetry_every: Some(Duration::from_secs(1)),
+        items_per_batch: args.batch_items,
+        ack_timeout: Duration::from_secs(15),
+    };
+    let started = Instant::now();
+    let gate = Arc::new(Semaphore::new(args.connect_concurrency));
+    for bundle in &bundles {
+        let options = device_options(bundle, "localhost", cluster.mosquitto.port, &topics)?;
+        let device = SimDevice::new(
+            DeviceId::new(&bundle.device)?,
+            topics.clone(),
+            trust.clone(),
+        );
+        let (gate, stats) = (gate.clone(), stats.clone());
+        rt.spawn(async move {
+            let Ok(permit) = gate.acquire_owned().await else {
+                return;
+            };
+            let (client, eventloop) = rumqttc::AsyncClient::new(options, 16);
+            device
+                .run(client, eventloop, Some(permit), stats, config)
+                .await;
+        });
+    }
+    let connected = || stats.connected.load(Ordering::Relaxed) as usize;
+    wait_until(
+        "connecting",
+        Duration::from_secs(900),
+        || (connected() == args.devices).then_some(()),
+        || {
+            format!(
+                "{}/{} connected and subscribed ({} connection errors)",
+                connected(),
+                args.devices,
+                stats.link_errors.load(Ordering::Relaxed)
+            )
+        },
+    )?;
+    let connect_time = started.elapsed();
+    println!(
+        "  connected all {} devices (mutual TLS, subscribed) in {:.1} s, {} at a time; {} connection errors",
+        args.devices,
+        connect_time.as_secs_f64(),
+        args.connect_concurrency,
+        stats.link_errors.load(Ordering::Relaxed)
+    );
+
+    let usage = Usage::start(r1.pid());
+    let first = rollout(&r1.api, "v1", &[100.0], args.devices)?;
+    println!(
+        "  v1 to every device (one stage): {:.1} s; server {}",
+        first.as_secs_f64(),
+        usage.report(r1.pid())
+    );
+    let usage = Usage::start(r1.pid());
+    let applied_before = stats.applied.load(Ordering::Relaxed);
+    let converged = rollout(&r1.api, "v2", &[10.0, 50.0, 100.0], args.devices)?;
+    println!(
+        "  v2 in stages 10 % → 50 % → 100 %, zero soak: converged in {:.1} s (target ≤ {} s) {}; {} directives applied; server {}",
+        converged.as_secs_f64(),
+        CONVERGE_TARGET.as_secs(),
+        if converged <= CONVERGE_TARGET { "ok" } else { "OVER" },
+        stats.applied.load(Ordering::Relaxed) - applied_before,
+        usage.report(r1.pid())
+    );
+    let refused = stats.refused.load(Ordering::Relaxed);
+    if refused > 0 {
+        bail!("the simulated devices refused {refused} directives");
+    }
+
+    // Ingest: one replica, then two.
+    stats.uplink_on.store(true, Ordering::Relaxed);
+    let (one, usage_one) = ingest_rate(&[&r1], args.ingest_secs);
+    println!(
+        "  ingest, replica r1 alone: {one:.0} items/s ({} items per batch, one batch in flight per device); r1 {}",
+        args.batch_items, usage_one[0]
+    );
+    let r2 = cluster.start_replica("r2")?;
+    let (two, usage_two) = ingest_rate(&[&r1, &r2], args.ingest_secs);
+    println!(
+        "  ingest, replicas r1 + r2: {two:.0} items/s; r1 {}, r2 {}",
+        usage_two[0], usage_two[1]
+    );
+    stats.uplink_on.store(false, Ordering::Relaxed);
+    let mosquitto_usage = cpu_and_rss(cluster.mosquitto.process.child.id())
+        .map(|(cpu, rss)| format!("{cpu:.0} CPU s in all, RSS {:.0} MiB", rss as f64 / 1024.0))
+        .unwrap_or_default();
+    println!(
+        "\nsummary ({} devices, {cores} cores, one machine for everything):\n  connect {:.1} s; converge {:.1} s (target ≤ 60 s); ingest {one:.0} items/s with one replica, {two:.0} with two: ratio {:.2}\n  Mosquitto: {mosquitto_usage}; items acked to the devices: {}; batches sent: {}",
+        args.devices,
+        connect_time.as_secs_f64(),
+        converged.as_secs_f64(),
+        two / one.max(1.0),
+        stats.items_acked.load(Ordering::Relaxed),
+        stats.batches_sent.load(Ordering::Relaxed),
+    );
+    rt.shutdown_timeout(Duration::from_secs(2));
+    Ok(())
+}
