@@ -120,40 +120,6 @@ fn repo_root() -> PathBuf {
         .unwrap_or(manifest_dir)
 }
 
-/// Every agent holds two descriptors in this one process (its socket and the broker's end of
-/// it), besides the database, the listeners and the runtime's. Most shells start with a soft
-/// limit of 1,024, too few for 1,000 agents: raise the soft limit towards the hard one.
-/// Returns the limit in force afterwards.
-fn raise_fd_limit(needed: u64) -> Result<u64> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit only writes the struct we pass, which lives for the call.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        bail!(
-            "getrlimit(RLIMIT_NOFILE): {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    if limit.rlim_cur >= needed {
-        return Ok(limit.rlim_cur);
-    }
-    let raised = libc::rlimit {
-        rlim_cur: needed.min(limit.rlim_max),
-        rlim_max: limit.rlim_max,
-    };
-    // SAFETY: setrlimit only reads the struct we pass; a soft limit up to the hard one needs no
-    // privilege.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
-        bail!(
-            "setrlimit(RLIMIT_NOFILE): {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    Ok(raised.rlim_cur)
-}
-
 /// Pushes a signed version through the registry, as the REST API's push does (manifest
 /// verified against the trusted release keys, artifact staged, hashed and checked).
 async fn push(fleet: &Fleet, signed: &SignedVersion) -> Result<()> {
@@ -581,7 +547,7 @@ fn main() -> Result<()> {
         )
         .init();
     let most = args.agents.iter().copied().max().unwrap_or(0) as u64;
-    let fd_limit = raise_fd_limit(2 * most + 512)?;
+    let fd_limit = fleet_server::sim::raise_fd_limit(2 * most + 512)?;
     if fd_limit < 2 * most + 512 {
         bail!(
             "{most} agents need about {} open files and the hard limit is {fd_limit}: raise it (ulimit -Hn)",

@@ -102,28 +102,6 @@ fn repo_root() -> PathBuf {
         .unwrap_or(manifest_dir)
 }
 
-/// Raises the soft open-file limit towards the hard one (children inherit it: Mosquitto holds
-/// a socket per device too). Returns the limit in force.
-fn raise_fd_limit(needed: u64) -> Result<u64> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit only writes the struct we pass, which lives for the call.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        bail!("getrlimit: {}", std::io::Error::last_os_error());
-    }
-    let raised = libc::rlimit {
-        rlim_cur: needed.max(limit.rlim_cur).min(limit.rlim_max),
-        rlim_max: limit.rlim_max,
-    };
-    // SAFETY: setrlimit only reads the struct we pass; up to the hard limit needs no privilege.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
-        bail!("setrlimit: {}", std::io::Error::last_os_error());
-    }
-    Ok(raised.rlim_cur)
-}
-
 /// CPU seconds (user + system) and resident KiB of a process, from /proc.
 fn cpu_and_rss(pid: u32) -> Option<(f64, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -530,7 +508,7 @@ fn main() -> Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
-    let fd_limit = raise_fd_limit(args.devices as u64 + 1024)?;
+    let fd_limit = fleet_server::sim::raise_fd_limit(args.devices as u64 + 1024)?;
     if fd_limit < args.devices as u64 + 256 {
         bail!(
             "{} devices need about {} open files and the limit is {fd_limit}: raise it (ulimit -Hn)",
