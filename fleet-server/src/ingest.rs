@@ -109,13 +109,9 @@ async fn store_batches(store: &Store, bus: &Bus, metrics: &Metrics, batches: &[B
                 v: V1,
                 up_to: outcome.ack_up_to,
             });
-            if bus
-                .publish(&batch.device, TopicKind::Ack, ack)
-                .await
-                .is_ok()
-            {
-                metrics.acks_sent.fetch_add(1, Ordering::Relaxed);
-            }
+            // Never waiting on the session: its event loop may be waiting on this worker.
+            bus.publish_detached(&batch.device, TopicKind::Ack, ack);
+            metrics.acks_sent.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
