@@ -17,7 +17,8 @@
 //!    REST API (a certificate from the device CA each).
 //! 3. One simulated device per enrollment (`fleet_server::sim`), all in this process: a real
 //!    MQTT session over mutual TLS with its own certificate, real signature checks of every
-//!    directive and manifest, state reports, telemetry batches acked by the server. Printed:
+//!    directive and manifest, state reports, telemetry batches acked by the server; 1 % of
+//!    them run digits-mlp v1 with tract each interval and report measured latencies. Printed:
 //!    the time until every device is connected and subscribed.
 //! 4. v1 to every device (one stage), then the timed rollout of v2 in three stages
 //!    (10 % → 50 % → 100 %, zero soak, gates on installs only): the time from its creation
@@ -40,7 +41,9 @@ use driftgate_tests::{free_port, Process};
 use fleet_protocol::{DeviceId, Topics};
 use fleet_server::client::ApiClient;
 use fleet_server::fleet::Bundle;
-use fleet_server::sim::{device_options, sign_versions, SimConfig, SimDevice, SimStats, Trust};
+use fleet_server::sim::{
+    device_options, sign_versions, SimConfig, SimDevice, SimInference, SimStats, Trust,
+};
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 
@@ -585,15 +588,27 @@ fn main() -> Result<()> {
         items_per_batch: args.batch_items,
         ack_timeout: Duration::from_secs(15),
     };
+    // 1 % of the devices run digits-mlp v1 with tract each interval (10 runs) and report the
+    // latencies they measured.
+    let models = repo_root().join("models").join(MODEL);
+    let inference = Arc::new(SimInference::load(
+        &models.join("v1.onnx"),
+        &models.join("v1.selftest.json"),
+        10,
+    )?);
+    let inferring = args.devices / 100;
     let started = Instant::now();
     let gate = Arc::new(Semaphore::new(args.connect_concurrency));
-    for bundle in &bundles {
+    for (i, bundle) in bundles.iter().enumerate() {
         let options = device_options(bundle, "localhost", cluster.mosquitto.port, &topics)?;
-        let device = SimDevice::new(
+        let mut device = SimDevice::new(
             DeviceId::new(&bundle.device)?,
             topics.clone(),
             trust.clone(),
         );
+        if i < inferring {
+            device = device.with_inference(inference.clone());
+        }
         let (gate, stats) = (gate.clone(), stats.clone());
         rt.spawn(async move {
             let Ok(permit) = gate.acquire_owned().await else {

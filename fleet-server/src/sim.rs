@@ -6,7 +6,8 @@
 //! expiry; each manifest against the release key; the release order), reports the version
 //! active in its retained `state`, and uploads telemetry in batches on `up`, resending until
 //! the server acks. It downloads, checks and loads no artifact: what it loads is the
-//! control plane.
+//! control plane. A subset may run real inference with tract ([`SimInference`]): their
+//! telemetry then carries measured latencies and counts instead of fixed figures.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -165,6 +166,76 @@ impl Default for SimConfig {
     }
 }
 
+/// Real inference for some simulated devices: a model loaded with the agent's runtime and a
+/// self-test case, run `runs` times per telemetry interval (outputs checked against the case:
+/// a mismatch counts as an error).
+pub struct SimInference {
+    plan: edge_agent::runtime::Plan,
+    case: fleet_protocol::SelfTest,
+    runs: u32,
+}
+
+impl SimInference {
+    /// Loads `model` (ONNX) and `case` (a `*.selftest.json` as `fleetctl model sign` takes).
+    pub fn load(
+        model: &std::path::Path,
+        case: &std::path::Path,
+        runs: u32,
+    ) -> Result<SimInference, SimError> {
+        let failed = |what: &std::path::Path, e: &dyn std::fmt::Display| {
+            SimError::Invalid(format!("{}: {e}", what.display()))
+        };
+        let onnx = std::fs::read(model).map_err(|e| failed(model, &e))?;
+        let signature = edge_agent::runtime::inspect(&onnx).map_err(|e| failed(model, &e))?;
+        let plan = edge_agent::runtime::Plan::load(&onnx, &signature.inputs)
+            .map_err(|e| failed(model, &e))?;
+        let text = std::fs::read(case).map_err(|e| failed(case, &e))?;
+        let case: fleet_protocol::SelfTest =
+            serde_json::from_slice(&text).map_err(|e| failed(case, &e))?;
+        Ok(SimInference {
+            plan,
+            case,
+            runs: runs.max(1),
+        })
+    }
+
+    /// One interval's runs: (inferences, errors, latency).
+    fn measure(&self) -> (u64, u64, LatencyHistogram) {
+        let mut latency = LatencyHistogram::default();
+        let mut errors = 0;
+        for _ in 0..self.runs {
+            let started = std::time::Instant::now();
+            if self.plan.self_test(&self.case).is_err() {
+                errors += 1;
+            }
+            latency.record_us(started.elapsed().as_secs_f64() * 1e6);
+        }
+        (u64::from(self.runs), errors, latency)
+    }
+}
+
+/// One interval's figures for a telemetry item.
+struct Figures {
+    inferences: u64,
+    errors: u64,
+    latency: LatencyHistogram,
+}
+
+impl Figures {
+    /// What a device without a model of its own reports: fixed, plausible figures.
+    fn fixed() -> Figures {
+        let mut latency = LatencyHistogram::default();
+        for us in [180.0, 210.0, 240.0, 400.0] {
+            latency.record_us(us);
+        }
+        Figures {
+            inferences: 100,
+            errors: 0,
+            latency,
+        }
+    }
+}
+
 /// A batch sent and not yet acknowledged.
 struct Pending {
     last_id: u64,
@@ -186,6 +257,7 @@ pub struct SimDevice {
     /// Everything up to here is acknowledged by the server.
     acked: u64,
     pending: Option<Pending>,
+    inference: Option<Arc<SimInference>>,
 }
 
 impl SimDevice {
@@ -198,7 +270,14 @@ impl SimDevice {
             models: BTreeMap::new(),
             acked: 0,
             pending: None,
+            inference: None,
         }
+    }
+
+    /// This device runs real inference each telemetry interval and reports what it measured.
+    pub fn with_inference(mut self, inference: Arc<SimInference>) -> SimDevice {
+        self.inference = Some(inference);
+        self
     }
 
     fn state(&self) -> State {
@@ -272,7 +351,7 @@ impl SimDevice {
 
     /// The next telemetry batch: `items` intervals of the active models' figures, following
     /// the last acknowledged id. None while no model is active.
-    fn next_batch(&self, items: usize, interval: Duration) -> Option<Pending> {
+    fn next_batch(&self, items: usize, interval: Duration, figures: &Figures) -> Option<Pending> {
         let active: Vec<&ModelState> = self
             .models
             .values()
@@ -280,10 +359,6 @@ impl SimDevice {
             .collect();
         if active.is_empty() {
             return None;
-        }
-        let mut latency = LatencyHistogram::default();
-        for us in [180.0, 210.0, 240.0, 400.0] {
-            latency.record_us(us);
         }
         let now = now_ms();
         let items: Vec<Item> = (0..items.max(1) as u64)
@@ -298,9 +373,12 @@ impl SimDevice {
                         release: running.release,
                         version: running.version.clone(),
                         interval_ms: interval.as_millis() as u64,
-                        inferences: 100,
-                        errors: BTreeMap::new(),
-                        latency: latency.clone(),
+                        inferences: figures.inferences,
+                        errors: match figures.errors {
+                            0 => BTreeMap::new(),
+                            n => BTreeMap::from([("self_test".to_string(), n)]),
+                        },
+                        latency: figures.latency.clone(),
                     }),
                 }
             })
@@ -368,7 +446,17 @@ impl SimDevice {
                         .as_ref()
                         .is_some_and(|p| p.sent_at.elapsed() >= config.ack_timeout);
                     if self.pending.is_none() {
-                        self.pending = self.next_batch(config.items_per_batch, interval);
+                        let figures = match self.inference.clone() {
+                            // Off the runtime's threads: a model run takes milliseconds.
+                            Some(inference) => tokio::task::spawn_blocking(move || {
+                                let (inferences, errors, latency) = inference.measure();
+                                Figures { inferences, errors, latency }
+                            })
+                            .await
+                            .unwrap_or_else(|_| Figures::fixed()),
+                            None => Figures::fixed(),
+                        };
+                        self.pending = self.next_batch(config.items_per_batch, interval, &figures);
                     } else if !resend {
                         continue;
                     }

@@ -88,7 +88,13 @@ async fn simulated_devices_enroll_connect_apply_directives_and_upload() {
                 "3",
                 "--for",
                 run_for,
-            ]);
+            ])
+            // A quarter of them run digits-mlp v1 for real, 5 times an interval.
+            .arg("--infer-model")
+            .arg(models_dir().join("digits-mlp/v1.onnx"))
+            .arg("--infer-case")
+            .arg(models_dir().join("digits-mlp/v1.selftest.json"))
+            .args(["--infer-share", "0.25", "--infer-runs", "5"]);
         command
     };
 
@@ -130,6 +136,18 @@ async fn simulated_devices_enroll_connect_apply_directives_and_upload() {
         },
     )
     .await;
+    // The inferring devices report what tract measured: 5 runs an interval, none failed.
+    let mut measured = 0;
+    for d in store.devices().await.unwrap() {
+        for item in store.items(&d.id, Some("telemetry"), 0, 100).await.unwrap() {
+            if item.body["inferences"] == 5 {
+                let errors = item.body["errors"].as_object();
+                assert!(errors.is_none_or(|e| e.is_empty()), "{}", item.body);
+                measured += 1;
+            }
+        }
+    }
+    assert!(measured > 0, "no telemetry from a device running the model");
     let out = first.join().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(

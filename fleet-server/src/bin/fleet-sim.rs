@@ -7,6 +7,9 @@
 //! fleet-sim --server http://127.0.0.1:8480 --token dgt_… --devices 1000 --label fleet=sim
 //! ```
 //!
+//! With `--infer-model` and `--infer-case`, a share of the devices (`--infer-share`, default
+//! 1 %) runs the model for real with tract each interval and reports what it measured.
+//!
 //! Devices are enrolled through the REST API on the first run and their bundles kept in
 //! `--bundles` (default `./fleet-sim-bundles`), so later runs reconnect the same devices.
 //! Progress is printed every second until Ctrl-C or `--for` seconds.
@@ -23,7 +26,7 @@ use clap::Parser;
 use fleet_protocol::{DeviceId, Topics};
 use fleet_server::client::ApiClient;
 use fleet_server::fleet::Bundle;
-use fleet_server::sim::{device_options, SimConfig, SimDevice, SimStats, Trust};
+use fleet_server::sim::{device_options, SimConfig, SimDevice, SimInference, SimStats, Trust};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -66,6 +69,19 @@ struct Cli {
     /// Stop after this many seconds (default: at Ctrl-C).
     #[arg(long = "for")]
     run_for: Option<u64>,
+    /// A model (ONNX) that a share of the devices runs for real with tract each telemetry
+    /// interval, reporting the latencies measured; needs --infer-case.
+    #[arg(long, requires = "infer_case")]
+    infer_model: Option<PathBuf>,
+    /// The self-test case (`*.selftest.json`) whose inputs they run and outputs they check.
+    #[arg(long, requires = "infer_model")]
+    infer_case: Option<PathBuf>,
+    /// The share of devices that run the model, 0 to 1.
+    #[arg(long, default_value_t = 0.01)]
+    infer_share: f64,
+    /// Runs per device and telemetry interval.
+    #[arg(long, default_value_t = 10)]
+    infer_runs: u32,
 }
 
 fn labels(pairs: &[String]) -> Result<BTreeMap<String, String>> {
@@ -163,16 +179,38 @@ async fn run(cli: Cli) -> Result<()> {
         items_per_batch: cli.batch_items.max(1),
         ..SimConfig::default()
     };
+    if !(0.0..=1.0).contains(&cli.infer_share) {
+        bail!("--infer-share {} is outside 0 to 1", cli.infer_share);
+    }
+    let inference = match (&cli.infer_model, &cli.infer_case) {
+        (Some(model), Some(case)) => {
+            Some(Arc::new(SimInference::load(model, case, cli.infer_runs)?))
+        }
+        _ => None,
+    };
+    let inferring = match inference {
+        Some(_) => (cli.infer_share * bundles.len() as f64).round() as usize,
+        None => 0,
+    };
+    if inferring > 0 {
+        eprintln!(
+            "{inferring} of the devices run the model with tract, {} runs per interval",
+            cli.infer_runs
+        );
+    }
     let stats = Arc::new(SimStats::default());
     stats.uplink_on.store(true, Ordering::Relaxed);
     let gate = Arc::new(tokio::sync::Semaphore::new(cli.connect_concurrency.max(1)));
-    for bundle in &bundles {
+    for (i, bundle) in bundles.iter().enumerate() {
         let options = device_options(bundle, &host, port, &topics)?;
-        let device = SimDevice::new(
+        let mut device = SimDevice::new(
             DeviceId::new(&bundle.device)?,
             topics.clone(),
             trust.clone(),
         );
+        if let Some(inference) = inference.as_ref().filter(|_| i < inferring) {
+            device = device.with_inference(inference.clone());
+        }
         let (gate, stats) = (gate.clone(), stats.clone());
         tokio::spawn(async move {
             let Ok(permit) = gate.acquire_owned().await else {
