@@ -201,6 +201,17 @@ CREATE TABLE directive_requests (
 );
 ",
     ),
+    (
+        5,
+        "
+CREATE TABLE batch_ranges (
+    device TEXT NOT NULL,
+    after_id BIGINT NOT NULL,
+    last_id BIGINT NOT NULL,
+    PRIMARY KEY (device, after_id)
+);
+",
+    ),
 ];
 
 /// The PostgreSQL advisory lock replicas take around their migrations, so that two starting
@@ -1016,8 +1027,10 @@ impl Store {
     /// running totals once, when first stored; health replaces the latest when newer.
     ///
     /// The ack: when the batch follows on from what is stored (its `after` is at most the
-    /// device's acknowledged id), the batch's last id; otherwise an earlier batch went
-    /// missing, and the ack stays where it was so that the agent resends from there.
+    /// device's acknowledged id), the batch's last id, or further when batches stored earlier
+    /// follow on from it (replicas may store a device's batches out of order); otherwise an
+    /// earlier batch is missing, and the ack stays where it was (the agent resends from there
+    /// if the missing batch never comes).
     pub async fn ingest_batch(
         &self,
         batch: &Batch,
@@ -1038,12 +1051,20 @@ impl Store {
         received_at_ms: i64,
     ) -> Result<Vec<Result<IngestOutcome, StoreError>>, StoreError> {
         let mut tx = self.begin_write().await?;
-        let mut outcomes = Vec::with_capacity(batches.len());
-        for batch in batches {
-            outcomes.push(self.ingest_in(&mut tx, batch, received_at_ms).await?);
+        // Each batch locks its device's row; taking them in one order (by device) keeps two
+        // replicas' transactions from waiting on each other in a circle.
+        let mut order: Vec<usize> = (0..batches.len()).collect();
+        order.sort_by(|&a, &b| batches[a].device.as_str().cmp(batches[b].device.as_str()));
+        let mut outcomes: Vec<Option<Result<IngestOutcome, StoreError>>> =
+            (0..batches.len()).map(|_| None).collect();
+        for i in order {
+            outcomes[i] = Some(self.ingest_in(&mut tx, batches[i], received_at_ms).await?);
         }
         tx.commit().await?;
-        Ok(outcomes)
+        Ok(outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or_else(|| Err(StoreError::Conflict("not stored".into()))))
+            .collect())
     }
 
     async fn ingest_in(
@@ -1053,11 +1074,19 @@ impl Store {
         received_at_ms: i64,
     ) -> Result<Result<IngestOutcome, StoreError>, StoreError> {
         let device = batch.device.as_str();
-        let acked: Option<i64> =
-            sqlx::query_scalar("SELECT acked_up_to FROM devices WHERE id = $1")
-                .bind(device)
-                .fetch_optional(&mut **tx)
-                .await?;
+        // Locked on PostgreSQL (SQLite's write transaction holds the whole database): two
+        // replicas storing the same device's batches take turns, so the later one sees what
+        // the earlier one stored and acks past it.
+        let lock = match self.dialect {
+            Dialect::Sqlite => "",
+            Dialect::Postgres => " FOR UPDATE",
+        };
+        let acked: Option<i64> = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT acked_up_to FROM devices WHERE id = $1{lock}"
+        )))
+        .bind(device)
+        .fetch_optional(&mut **tx)
+        .await?;
         let Some(acked) = acked else {
             return Ok(Err(StoreError::Conflict(format!("no device {device}"))));
         };
@@ -1173,10 +1202,44 @@ impl Store {
         }
         let last = batch.items.last().map(|i| i.id).unwrap_or(0);
         let follows_on = batch.after.is_none_or(|after| after <= acked);
-        let ack_up_to = if follows_on { last } else { acked };
-        if follows_on && last > acked {
-            sqlx::query("UPDATE devices SET acked_up_to = $1 WHERE id = $2")
+        let mut ack_up_to = if follows_on { last } else { acked };
+        if !follows_on {
+            // Stored, but a batch before it is missing: on its way through another replica,
+            // or lost. Its range is kept so that the ack can pass it once the gap closes,
+            // instead of waiting for the agent to send it again.
+            if let (Some(after), true) = (batch.after, last > 0) {
+                sqlx::query(
+                    "INSERT INTO batch_ranges (device, after_id, last_id) VALUES ($1, $2, $3) ON CONFLICT (device, after_id) DO UPDATE SET last_id = excluded.last_id",
+                )
+                .bind(device)
+                .bind(after as i64)
                 .bind(last as i64)
+                .execute(&mut **tx)
+                .await?;
+            }
+        } else if last > acked {
+            // The gap is closed up to `last`: batches stored earlier that follow on from here
+            // are acknowledged too.
+            loop {
+                let next: Option<i64> = sqlx::query_scalar(
+                    "SELECT MAX(last_id) FROM batch_ranges WHERE device = $1 AND after_id <= $2 AND last_id > $2",
+                )
+                .bind(device)
+                .bind(ack_up_to as i64)
+                .fetch_one(&mut **tx)
+                .await?;
+                match next.and_then(|n| u64::try_from(n).ok()) {
+                    Some(next) if next > ack_up_to => ack_up_to = next,
+                    _ => break,
+                }
+            }
+            sqlx::query("DELETE FROM batch_ranges WHERE device = $1 AND last_id <= $2")
+                .bind(device)
+                .bind(ack_up_to as i64)
+                .execute(&mut **tx)
+                .await?;
+            sqlx::query("UPDATE devices SET acked_up_to = $1 WHERE id = $2")
+                .bind(ack_up_to as i64)
                 .bind(device)
                 .execute(&mut **tx)
                 .await?;
