@@ -398,7 +398,7 @@ fn enroll(api: &ApiClient, count: usize) -> Result<Vec<Bundle>> {
     Ok(all)
 }
 
-/// Polls `probe` every 100 ms until it gives a value, printing `describe()` every 2 s.
+/// Polls `probe` every 500 ms until it gives a value, printing `describe()` every 2 s.
 fn wait_until<T>(
     what: &str,
     limit: Duration,
@@ -418,7 +418,8 @@ fn wait_until<T>(
             printed = Instant::now();
             eprintln!("  {what}: {}", describe());
         }
-        std::thread::sleep(Duration::from_millis(100));
+        // Twice a second: the figures are seconds, and every look costs the server.
+        std::thread::sleep(Duration::from_millis(500));
     }
 }
 
@@ -457,10 +458,19 @@ fn rollout(api: &ApiClient, version: &str, stages: &[f64], devices: usize) -> Re
         .as_str()
         .context("the rollout has no id")?
         .to_string();
+    // The list's one-line summaries: the rollout itself lists every device, and fetching
+    // that twice a second would load the server as much as what is measured.
     let phase = || {
-        api.get(&format!("/api/v1/rollouts/{id}"))
+        api.get(&format!("/api/v1/rollouts?model={MODEL}"))
             .ok()
-            .and_then(|r| r["rollout"]["phase"].as_str().map(str::to_string))
+            .and_then(|list| {
+                list["rollouts"]
+                    .as_array()?
+                    .iter()
+                    .find(|r| r["id"] == id.as_str())?["phase"]
+                    .as_str()
+                    .map(str::to_string)
+            })
             .unwrap_or_default()
     };
     wait_until(

@@ -52,7 +52,7 @@ impl std::fmt::Display for Actor {
 
 /// Steps every active rollout every `tick`, or sooner when woken, until `shutdown` flips.
 /// Directives the engine's actions sign and publish at once.
-const ACTIONS_AT_ONCE: usize = 16;
+const ACTIONS_AT_ONCE: usize = 32;
 
 pub async fn run(
     fleet: Arc<Fleet>,

@@ -400,7 +400,9 @@ impl Store {
                     Ok(())
                 })
             }),
-            Dialect::Postgres => options.max_connections(8),
+            // The rollout runner signs 32 directives at once, beside 4 ingest workers and the
+            // API: 8 connections made them queue for the pool.
+            Dialect::Postgres => options.max_connections(16),
         };
         let url = match dialect {
             Dialect::Sqlite if !url.contains("mode=") => {
