@@ -30,19 +30,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use fleet_protocol::state::State;
-use fleet_protocol::{DeviceId, Topics};
+use fleet_protocol::Topics;
 use fleet_server::config::ServerConfig;
 use fleet_server::fleet::Fleet;
 use fleet_server::rollout::spec::Stage;
 use fleet_server::rollout::{FailurePolicy, Gates, Outcome, Phase, RolloutRequest, StageSize};
 use fleet_server::rollout_runner::Actor;
 use fleet_server::server;
-use fleet_server::sim::{
-    device_options, sign_versions, SignedVersion, SimConfig, SimDevice, SimStats, Trust,
-};
+use fleet_server::sim::{sign_versions, start_devices, Launch, SignedVersion, SimConfig, SimStats};
 use fleet_server::store::AuditEntry;
-use rumqttc::AsyncClient;
-use tokio::sync::Semaphore;
 
 const MODEL: &str = "digits-mlp";
 /// The staged rollout that is timed; the last stage must be 100 %.
@@ -426,40 +422,23 @@ async fn run_fleet(
         "  enrolled {agents} devices in {:.1} s (certificate from the device CA each)",
         started.elapsed().as_secs_f64()
     );
-    let trust = Arc::new(Trust::of(bundles.first().context("no device enrolled")?)?);
-
     // Connect with bounded concurrency: at most `connect_concurrency` TLS handshakes and
     // first subscriptions in flight; the rest wait for a permit.
     let started = Instant::now();
     let progress = Arc::new(SimStats::default());
-    let gate = Arc::new(Semaphore::new(args.connect_concurrency));
-    let mut tasks = Vec::with_capacity(agents);
-    let mut last_print = Instant::now();
-    for bundle in &bundles {
-        let permit = gate.clone().acquire_owned().await?;
-        let (client, eventloop) =
-            AsyncClient::new(device_options(bundle, "localhost", port, &topics)?, 16);
-        let agent = SimDevice::new(
-            DeviceId::new(&bundle.device)?,
-            topics.clone(),
-            trust.clone(),
-        );
-        tasks.push(tokio::spawn(agent.run(
-            client,
-            eventloop,
-            Some(permit),
-            progress.clone(),
-            SimConfig::default(),
-        )));
-        if last_print.elapsed() >= Duration::from_secs(1) {
-            last_print = Instant::now();
-            eprintln!(
-                "  connecting: {}/{agents} connected and subscribed ({} connection errors)",
-                progress.connected.load(Ordering::Relaxed),
-                progress.link_errors.load(Ordering::Relaxed)
-            );
-        }
-    }
+    let tasks = start_devices(
+        &tokio::runtime::Handle::current(),
+        &bundles,
+        Launch {
+            host: "localhost",
+            port,
+            topics: topics.clone(),
+            config: SimConfig::default(),
+            connect_concurrency: args.connect_concurrency,
+            inference: None,
+        },
+        &progress,
+    )?;
     let progress = &progress;
     let describe = || {
         format!(

@@ -38,14 +38,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use driftgate_tests::{free_port, Process};
-use fleet_protocol::{DeviceId, Topics};
+use fleet_protocol::Topics;
 use fleet_server::client::ApiClient;
 use fleet_server::fleet::Bundle;
-use fleet_server::sim::{
-    device_options, sign_versions, SimConfig, SimDevice, SimInference, SimStats, Trust,
-};
+use fleet_server::sim::{sign_versions, start_devices, Launch, SimConfig, SimInference, SimStats};
 use serde_json::{json, Value};
-use tokio::sync::Semaphore;
 
 const MODEL: &str = "digits-mlp";
 const CONVERGE_TARGET: Duration = Duration::from_secs(60);
@@ -591,13 +588,6 @@ fn main() -> Result<()> {
 
     // The simulated devices, all in this process.
     let stats = Arc::new(SimStats::default());
-    let trust = Arc::new(Trust::of(bundles.first().context("no device enrolled")?)?);
-    let topics = Topics::default();
-    let config = SimConfig {
-        telemetry_every: Some(Duration::from_secs(1)),
-        items_per_batch: args.batch_items,
-        ack_timeout: Duration::from_secs(15),
-    };
     // 1 % of the devices run digits-mlp v1 with tract each interval (10 runs) and report the
     // latencies they measured.
     let models = repo_root().join("models").join(MODEL);
@@ -606,30 +596,24 @@ fn main() -> Result<()> {
         &models.join("v1.selftest.json"),
         10,
     )?);
-    let inferring = args.devices / 100;
     let started = Instant::now();
-    let gate = Arc::new(Semaphore::new(args.connect_concurrency));
-    for (i, bundle) in bundles.iter().enumerate() {
-        let options = device_options(bundle, "localhost", cluster.mosquitto.port, &topics)?;
-        let mut device = SimDevice::new(
-            DeviceId::new(&bundle.device)?,
-            topics.clone(),
-            trust.clone(),
-        );
-        if i < inferring {
-            device = device.with_inference(inference.clone());
-        }
-        let (gate, stats) = (gate.clone(), stats.clone());
-        rt.spawn(async move {
-            let Ok(permit) = gate.acquire_owned().await else {
-                return;
-            };
-            let (client, eventloop) = rumqttc::AsyncClient::new(options, 16);
-            device
-                .run(client, eventloop, Some(permit), stats, config)
-                .await;
-        });
-    }
+    start_devices(
+        rt.handle(),
+        &bundles,
+        Launch {
+            host: "localhost",
+            port: cluster.mosquitto.port,
+            topics: Topics::default(),
+            config: SimConfig {
+                telemetry_every: Some(Duration::from_secs(1)),
+                items_per_batch: args.batch_items,
+                ack_timeout: Duration::from_secs(15),
+            },
+            connect_concurrency: args.connect_concurrency,
+            inference: Some((inference, args.devices / 100)),
+        },
+        &stats,
+    )?;
     let connected = || stats.connected.load(Ordering::Relaxed) as usize;
     wait_until(
         "connecting",

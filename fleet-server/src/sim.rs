@@ -630,3 +630,54 @@ pub fn raise_fd_limit(needed: u64) -> std::io::Result<u64> {
     }
     Ok(raised.rlim_cur)
 }
+
+/// Where and how [`start_devices`] connects its devices.
+pub struct Launch<'a> {
+    /// The broker as the devices dial it (its certificate names `localhost`).
+    pub host: &'a str,
+    pub port: u16,
+    pub topics: Topics,
+    pub config: SimConfig,
+    /// TLS handshakes in flight at once.
+    pub connect_concurrency: usize,
+    /// Real inference for the first `n` devices.
+    pub inference: Option<(Arc<SimInference>, usize)>,
+}
+
+/// Starts one simulated device per bundle on `runtime`, connecting at most
+/// `connect_concurrency` at a time; they run until their tasks are aborted (or the runtime
+/// stops) and count into `stats`.
+pub fn start_devices(
+    runtime: &tokio::runtime::Handle,
+    bundles: &[Bundle],
+    launch: Launch<'_>,
+    stats: &Arc<SimStats>,
+) -> Result<Vec<tokio::task::JoinHandle<()>>, SimError> {
+    let Some(first) = bundles.first() else {
+        return Ok(Vec::new());
+    };
+    let trust = Arc::new(Trust::of(first)?);
+    let gate = Arc::new(tokio::sync::Semaphore::new(
+        launch.connect_concurrency.max(1),
+    ));
+    let mut tasks = Vec::with_capacity(bundles.len());
+    for (i, bundle) in bundles.iter().enumerate() {
+        let options = device_options(bundle, launch.host, launch.port, &launch.topics)?;
+        let id = DeviceId::new(&bundle.device).map_err(|e| SimError::Invalid(e.to_string()))?;
+        let mut device = SimDevice::new(id, launch.topics.clone(), trust.clone());
+        if let Some((inference, _)) = launch.inference.as_ref().filter(|(_, n)| i < *n) {
+            device = device.with_inference(inference.clone());
+        }
+        let (gate, stats, config) = (gate.clone(), stats.clone(), launch.config);
+        tasks.push(runtime.spawn(async move {
+            let Ok(permit) = gate.acquire_owned().await else {
+                return;
+            };
+            let (client, eventloop) = AsyncClient::new(options, 16);
+            device
+                .run(client, eventloop, Some(permit), stats, config)
+                .await;
+        }));
+    }
+    Ok(tasks)
+}

@@ -23,10 +23,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use fleet_protocol::{DeviceId, Topics};
+use fleet_protocol::Topics;
 use fleet_server::client::ApiClient;
 use fleet_server::fleet::Bundle;
-use fleet_server::sim::{device_options, SimConfig, SimDevice, SimInference, SimStats, Trust};
+use fleet_server::sim::{start_devices, Launch, SimConfig, SimInference, SimStats};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -170,58 +170,43 @@ async fn run(cli: Cli) -> Result<()> {
         }
     }
     let first = bundles.first().context("--devices must be at least 1")?;
-    let trust = Arc::new(Trust::of(first)?);
     let (host, port) = broker_of(first)?;
     let host = cli.broker_host.clone().unwrap_or(host);
-    let topics = Topics::default();
-    let config = SimConfig {
-        telemetry_every: (cli.telemetry_secs > 0).then(|| Duration::from_secs(cli.telemetry_secs)),
-        items_per_batch: cli.batch_items.max(1),
-        ..SimConfig::default()
-    };
     if !(0.0..=1.0).contains(&cli.infer_share) {
         bail!("--infer-share {} is outside 0 to 1", cli.infer_share);
     }
     let inference = match (&cli.infer_model, &cli.infer_case) {
         (Some(model), Some(case)) => {
-            Some(Arc::new(SimInference::load(model, case, cli.infer_runs)?))
+            let inference = Arc::new(SimInference::load(model, case, cli.infer_runs)?);
+            let inferring = (cli.infer_share * bundles.len() as f64).round() as usize;
+            eprintln!(
+                "{inferring} of the devices run the model with tract, {} runs per interval",
+                cli.infer_runs
+            );
+            Some((inference, inferring))
         }
         _ => None,
     };
-    let inferring = match inference {
-        Some(_) => (cli.infer_share * bundles.len() as f64).round() as usize,
-        None => 0,
-    };
-    if inferring > 0 {
-        eprintln!(
-            "{inferring} of the devices run the model with tract, {} runs per interval",
-            cli.infer_runs
-        );
-    }
     let stats = Arc::new(SimStats::default());
     stats.uplink_on.store(true, Ordering::Relaxed);
-    let gate = Arc::new(tokio::sync::Semaphore::new(cli.connect_concurrency.max(1)));
-    for (i, bundle) in bundles.iter().enumerate() {
-        let options = device_options(bundle, &host, port, &topics)?;
-        let mut device = SimDevice::new(
-            DeviceId::new(&bundle.device)?,
-            topics.clone(),
-            trust.clone(),
-        );
-        if let Some(inference) = inference.as_ref().filter(|_| i < inferring) {
-            device = device.with_inference(inference.clone());
-        }
-        let (gate, stats) = (gate.clone(), stats.clone());
-        tokio::spawn(async move {
-            let Ok(permit) = gate.acquire_owned().await else {
-                return;
-            };
-            let (client, eventloop) = rumqttc::AsyncClient::new(options, 16);
-            device
-                .run(client, eventloop, Some(permit), stats, config)
-                .await;
-        });
-    }
+    start_devices(
+        &tokio::runtime::Handle::current(),
+        &bundles,
+        Launch {
+            host: &host,
+            port,
+            topics: Topics::default(),
+            config: SimConfig {
+                telemetry_every: (cli.telemetry_secs > 0)
+                    .then(|| Duration::from_secs(cli.telemetry_secs)),
+                items_per_batch: cli.batch_items.max(1),
+                ..SimConfig::default()
+            },
+            connect_concurrency: cli.connect_concurrency,
+            inference,
+        },
+        &stats,
+    )?;
     let started = Instant::now();
     let mut all_connected = None;
     let deadline = cli.run_for.map(|s| started + Duration::from_secs(s));
