@@ -23,7 +23,7 @@
 //! timeline from the audit log, and a summary with the median over the runs.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -106,14 +106,6 @@ fn parse_args() -> Args {
         }
     }
     args
-}
-
-fn repo_root() -> PathBuf {
-    let manifest_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    manifest_dir
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or(manifest_dir)
 }
 
 /// Pushes a signed version through the registry, as the REST API's push does (manifest
@@ -555,7 +547,7 @@ fn main() -> Result<()> {
 
     let work = tempfile::tempdir()?;
     let signed = sign_versions(
-        &repo_root().join("models"),
+        &driftgate_tests::workspace_root().join("models"),
         MODEL,
         work.path(),
         args.runs + 1,

@@ -94,14 +94,6 @@ fn parse_args() -> Args {
     args
 }
 
-fn repo_root() -> PathBuf {
-    let manifest_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    manifest_dir
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or(manifest_dir)
-}
-
 /// CPU seconds (user + system) and resident KiB of a process, from /proc.
 fn cpu_and_rss(pid: u32) -> Option<(f64, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -534,7 +526,12 @@ fn main() -> Result<()> {
 
     let work = tempfile::tempdir()?;
     let work = work.path();
-    let signed = sign_versions(&repo_root().join("models"), MODEL, work, 2)?;
+    let signed = sign_versions(
+        &driftgate_tests::workspace_root().join("models"),
+        MODEL,
+        work,
+        2,
+    )?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -590,7 +587,7 @@ fn main() -> Result<()> {
     let stats = Arc::new(SimStats::default());
     // 1 % of the devices run digits-mlp v1 with tract each interval (10 runs) and report the
     // latencies they measured.
-    let models = repo_root().join("models").join(MODEL);
+    let models = driftgate_tests::workspace_root().join("models").join(MODEL);
     let inference = Arc::new(SimInference::load(
         &models.join("v1.onnx"),
         &models.join("v1.selftest.json"),

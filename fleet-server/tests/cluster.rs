@@ -5,34 +5,13 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fleet_server::cluster::{keep_lease, Authority, Leadership};
-use fleet_server::store::{DeviceRecord, Store, StoreError};
+use fleet_server::store::{Store, StoreError};
 
 const LEASE: Duration = Duration::from_secs(2);
-
-fn device(id: &str) -> DeviceRecord {
-    DeviceRecord {
-        id: id.into(),
-        labels: BTreeMap::new(),
-        cert_serial: format!("serial-{id}"),
-        cert_not_after_ms: 0,
-        enrolled_at_ms: 1,
-        revoked_at_ms: None,
-        directive_seq: 0,
-        presence: None,
-        presence_at_ms: None,
-        agent_version: None,
-        state: None,
-        state_at_ms: None,
-        health: None,
-        health_at_ms: None,
-        acked_up_to: 0,
-    }
-}
 
 /// A replica's lease keeper, as `fleet-server run` starts it.
 struct Replica {
@@ -79,7 +58,7 @@ async fn the_lease_passes_on_when_the_leader_dies_and_the_old_leader_is_fenced()
     let dir = tempfile::tempdir().unwrap();
     for (engine, store) in common::stores("the_lease_passes_on", dir.path()).await {
         eprintln!("store: {engine}");
-        store.insert_device(&device("dev-1")).await.unwrap();
+        store.insert_device(&common::device("dev-1")).await.unwrap();
 
         let a = Replica::start(&store, "a");
         a.wait_to_lead(Duration::from_secs(5)).await;

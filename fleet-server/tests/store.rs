@@ -11,27 +11,7 @@ use fleet_protocol::drift::{DriftWindow, FeatureWindow};
 use fleet_protocol::histogram::LatencyHistogram;
 use fleet_protocol::outbox::{Batch, Health, Item, ItemBody, Telemetry};
 use fleet_protocol::{DeviceId, ModelName, ModelVersion, V1};
-use fleet_server::store::{Assignment, DeviceRecord, ModelRecord, Store};
-
-fn device(id: &str) -> DeviceRecord {
-    DeviceRecord {
-        id: id.into(),
-        labels: BTreeMap::from([("site".to_string(), "berlin".to_string())]),
-        cert_serial: format!("serial-{id}"),
-        cert_not_after_ms: 0,
-        enrolled_at_ms: 1,
-        revoked_at_ms: None,
-        directive_seq: 0,
-        presence: None,
-        presence_at_ms: None,
-        agent_version: None,
-        state: None,
-        state_at_ms: None,
-        health: None,
-        health_at_ms: None,
-        acked_up_to: 0,
-    }
-}
+use fleet_server::store::{Assignment, ModelRecord, Store};
 
 fn drift(counts: Vec<u64>, samples: u64, drifted: bool) -> ItemBody {
     ItemBody::Drift(DriftWindow {
@@ -111,7 +91,7 @@ async fn a_batch_delivered_twice_is_stored_once_and_acked_both_times() {
     )
     .await
     {
-        store.insert_device(&device("dev-1")).await.unwrap();
+        store.insert_device(&common::device("dev-1")).await.unwrap();
         let (at, h) = health(150);
         let b = batch(
             "dev-1",
@@ -160,7 +140,7 @@ async fn an_ack_waits_for_a_missing_batch_and_drift_counts_add() {
     )
     .await
     {
-        store.insert_device(&device("dev-2")).await.unwrap();
+        store.insert_device(&common::device("dev-2")).await.unwrap();
         let first = batch(
             "dev-2",
             Some(0),
@@ -220,9 +200,9 @@ async fn an_ack_waits_for_a_missing_batch_and_drift_counts_add() {
 async fn registry_and_device_rules() {
     let dir = tempfile::tempdir().unwrap();
     for (kind, store) in common::stores("registry_and_device_rules", dir.path()).await {
-        store.insert_device(&device("dev-3")).await.unwrap();
+        store.insert_device(&common::device("dev-3")).await.unwrap();
         assert!(
-            store.insert_device(&device("dev-3")).await.is_err(),
+            store.insert_device(&common::device("dev-3")).await.is_err(),
             "{kind}: enrolled twice"
         );
         let model = ModelRecord {
@@ -319,7 +299,7 @@ async fn a_version_a_device_reports_running_cannot_be_deleted() {
     )
     .await
     {
-        store.insert_device(&device("dev-4")).await.unwrap();
+        store.insert_device(&common::device("dev-4")).await.unwrap();
         let model = ModelRecord {
             name: "m".into(),
             version: "v2".into(),

@@ -63,3 +63,24 @@ pub async fn stores(test: &str, dir: &std::path::Path) -> Vec<(&'static str, Sto
     }
     out
 }
+
+/// A device record as enrollment stores it (label `site=berlin`), nothing reported yet.
+pub fn device(id: &str) -> fleet_server::store::DeviceRecord {
+    fleet_server::store::DeviceRecord {
+        id: id.into(),
+        labels: std::collections::BTreeMap::from([("site".to_string(), "berlin".to_string())]),
+        cert_serial: format!("serial-{id}"),
+        cert_not_after_ms: 0,
+        enrolled_at_ms: 1,
+        revoked_at_ms: None,
+        directive_seq: 0,
+        presence: None,
+        presence_at_ms: None,
+        agent_version: None,
+        state: None,
+        state_at_ms: None,
+        health: None,
+        health_at_ms: None,
+        acked_up_to: 0,
+    }
+}
