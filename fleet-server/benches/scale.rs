@@ -267,13 +267,80 @@ impl Replica {
         self.process.child.id()
     }
 
-    /// `driftgate_server_items_stored_total` from its `/metrics`.
-    fn items_stored(&self) -> u64 {
+    /// One sample of its `/metrics` (0 when absent).
+    fn metric(&self, name: &str) -> f64 {
         let (_, text) = driftgate_tests::http_request(self.api_port, "GET", "/metrics", &[], &[]);
         text.lines()
-            .find_map(|l| l.strip_prefix("driftgate_server_items_stored_total "))
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
             .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
+            .unwrap_or(0.0)
+    }
+
+    fn items_stored(&self) -> u64 {
+        self.metric("driftgate_server_items_stored_total") as u64
+    }
+
+    /// Rollout engine steps so far and the seconds they took.
+    fn engine_steps(&self) -> (f64, f64) {
+        (
+            self.metric("driftgate_server_rollout_step_seconds_count"),
+            self.metric("driftgate_server_rollout_step_seconds_sum"),
+        )
+    }
+}
+
+/// Where the machine's CPU went over a phase: the server, PostgreSQL (all its processes),
+/// Mosquitto and the simulated devices (this process), in CPU seconds from /proc.
+struct MachineUsage {
+    servers: Vec<u32>,
+    mosquitto: u32,
+    wall_start: Instant,
+    start: [f64; 4],
+}
+
+impl MachineUsage {
+    fn start(servers: &[&Replica], mosquitto: u32) -> MachineUsage {
+        let servers: Vec<u32> = servers.iter().map(|r| r.pid()).collect();
+        MachineUsage {
+            start: Self::sample(&servers, mosquitto),
+            servers,
+            mosquitto,
+            wall_start: Instant::now(),
+        }
+    }
+
+    fn sample(servers: &[u32], mosquitto: u32) -> [f64; 4] {
+        let cpu = |pid: u32| cpu_and_rss(pid).map_or(0.0, |(cpu, _)| cpu);
+        let postgres: f64 = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|comm| comm.trim() == "postgres")
+            })
+            .map(cpu)
+            .sum();
+        let servers = servers.iter().map(|&pid| cpu(pid)).sum();
+        [servers, postgres, cpu(mosquitto), cpu(std::process::id())]
+    }
+
+    /// "servers N %, PostgreSQL N %, Mosquitto N %, devices N % (of a core each)". A PostgreSQL
+    /// backend that exits during the phase takes its CPU time with it; the servers' pools keep
+    /// their connections open, so the figure is close.
+    fn report(&self) -> String {
+        let now = Self::sample(&self.servers, self.mosquitto);
+        let wall = self.wall_start.elapsed().as_secs_f64();
+        let share = |i: usize| 100.0 * (now[i] - self.start[i]).max(0.0) / wall;
+        format!(
+            "CPU: server{} {:.0} %, PostgreSQL {:.0} %, Mosquitto {:.0} %, devices {:.0} % (100 % = one core)",
+            if self.servers.len() > 1 { "s" } else { "" },
+            share(0),
+            share(1),
+            share(2),
+            share(3)
+        )
     }
 }
 
@@ -426,7 +493,8 @@ fn running(api: &ApiClient, version: &str) -> u64 {
 
 /// Creates a rollout of `version` to every simulated device in `stages` (percent, zero soak,
 /// installs-only gates) and waits until it completed and every device reports `version`.
-fn rollout(api: &ApiClient, version: &str, stages: &[f64], devices: usize) -> Result<Duration> {
+fn rollout(server: &Replica, version: &str, stages: &[f64], devices: usize) -> Result<Duration> {
+    let api = &server.api;
     let stages: Vec<Value> = stages
         .iter()
         .map(|p| json!({"size": {"percent": p}, "soak_secs": 0}))
@@ -476,9 +544,11 @@ fn rollout(api: &ApiClient, version: &str, stages: &[f64], devices: usize) -> Re
         },
         || {
             format!(
-                "{}, {}/{devices} devices report {version}",
+                "{}, {}/{devices} devices report {version} (directives published {:.0}, states stored {:.0})",
                 phase(),
-                running(api, version)
+                running(api, version),
+                server.metric("driftgate_server_directives_published_total"),
+                server.metric("driftgate_server_states_stored_total"),
             )
         },
     )??;
@@ -486,10 +556,12 @@ fn rollout(api: &ApiClient, version: &str, stages: &[f64], devices: usize) -> Re
 }
 
 /// Items stored per second by `replicas` over `secs`, after a warm-up.
-fn ingest_rate(replicas: &[&Replica], secs: u64) -> (f64, Vec<String>) {
+/// Also returns where the machine's CPU went meanwhile.
+fn ingest_rate(replicas: &[&Replica], secs: u64, mosquitto: u32) -> (f64, Vec<String>, String) {
     std::thread::sleep(Duration::from_secs(5));
     let stored = || replicas.iter().map(|r| r.items_stored()).sum::<u64>();
     let usage: Vec<Usage> = replicas.iter().map(|r| Usage::start(r.pid())).collect();
+    let machine = MachineUsage::start(replicas, mosquitto);
     let (before, started) = (stored(), Instant::now());
     std::thread::sleep(Duration::from_secs(secs));
     let rate = (stored() - before) as f64 / started.elapsed().as_secs_f64();
@@ -498,7 +570,7 @@ fn ingest_rate(replicas: &[&Replica], secs: u64) -> (f64, Vec<String>) {
         .zip(&usage)
         .map(|(r, u)| u.report(r.pid()))
         .collect();
-    (rate, reports)
+    (rate, reports, machine.report())
 }
 
 fn main() -> Result<()> {
@@ -634,48 +706,85 @@ fn main() -> Result<()> {
         stats.link_errors.load(Ordering::Relaxed)
     );
 
-    let usage = Usage::start(r1.pid());
-    let first = rollout(&r1.api, "v1", &[100.0], args.devices)?;
-    println!(
-        "  v1 to every device (one stage): {:.1} s; server {}",
-        first.as_secs_f64(),
-        usage.report(r1.pid())
+    let mosquitto_pid = cluster.mosquitto.process.child.id();
+    // Where the time of a rollout goes: the engine's steps, and the machine's CPU by process.
+    let phase_details = |steps_before: (f64, f64), machine: &MachineUsage| {
+        let steps = r1.engine_steps();
+        let count = steps.0 - steps_before.0;
+        format!(
+            "    {count:.0} engine steps, {:.0} ms each on average; {}",
+            1000.0 * (steps.1 - steps_before.1) / count.max(1.0),
+            machine.report()
+        )
+    };
+    let (usage, machine, steps) = (
+        Usage::start(r1.pid()),
+        MachineUsage::start(&[&r1], mosquitto_pid),
+        r1.engine_steps(),
     );
-    let usage = Usage::start(r1.pid());
-    let applied_before = stats.applied.load(Ordering::Relaxed);
-    let converged = rollout(&r1.api, "v2", &[10.0, 50.0, 100.0], args.devices)?;
+    let first = rollout(&r1, "v1", &[100.0], args.devices)?;
     println!(
-        "  v2 in stages 10 % → 50 % → 100 %, zero soak: converged in {:.1} s (target ≤ {} s) {}; {} directives applied; server {}",
+        "  v1 to every device (one stage): {:.1} s; server {}\n{}",
+        first.as_secs_f64(),
+        usage.report(r1.pid()),
+        phase_details(steps, &machine)
+    );
+    let (usage, machine, steps) = (
+        Usage::start(r1.pid()),
+        MachineUsage::start(&[&r1], mosquitto_pid),
+        r1.engine_steps(),
+    );
+    let applied_before = stats.applied.load(Ordering::Relaxed);
+    let converged = rollout(&r1, "v2", &[10.0, 50.0, 100.0], args.devices)?;
+    println!(
+        "  v2 in stages 10 % → 50 % → 100 %, zero soak: converged in {:.1} s (target ≤ {} s) {}; {} directives applied; server {}\n{}",
         converged.as_secs_f64(),
         CONVERGE_TARGET.as_secs(),
         if converged <= CONVERGE_TARGET { "ok" } else { "OVER" },
         stats.applied.load(Ordering::Relaxed) - applied_before,
-        usage.report(r1.pid())
+        usage.report(r1.pid()),
+        phase_details(steps, &machine)
     );
     let refused = stats.refused.load(Ordering::Relaxed);
     if refused > 0 {
         bail!("the simulated devices refused {refused} directives");
     }
 
-    // Ingest: one replica, then two.
+    // Ingest: one replica, then two, twice over (r2 stopped in between), so that a drift of
+    // the machine over the run does not pass for the replicas' doing.
     stats.uplink_on.store(true, Ordering::Relaxed);
-    let (one, usage_one) = ingest_rate(&[&r1], args.ingest_secs);
-    println!(
-        "  ingest, replica r1 alone: {one:.0} items/s ({} items per batch, one batch in flight per device); r1 {}",
-        args.batch_items, usage_one[0]
-    );
-    let r2 = cluster.start_replica("r2")?;
-    let (two, usage_two) = ingest_rate(&[&r1, &r2], args.ingest_secs);
-    println!(
-        "  ingest, replicas r1 + r2: {two:.0} items/s; r1 {}, r2 {}",
-        usage_two[0], usage_two[1]
-    );
+    let (mut ones, mut twos) = (Vec::new(), Vec::new());
+    for round in 1..=2 {
+        let (one, usage_one, machine) = ingest_rate(&[&r1], args.ingest_secs, mosquitto_pid);
+        println!(
+            "  ingest {round}, replica r1 alone: {one:.0} items/s ({} items per batch, one batch in flight per device); r1 {}\n    {machine}",
+            args.batch_items, usage_one[0]
+        );
+        let r2 = cluster.start_replica("r2")?;
+        let (two, usage_two, machine) = ingest_rate(&[&r1, &r2], args.ingest_secs, mosquitto_pid);
+        println!(
+            "  ingest {round}, replicas r1 + r2: {two:.0} items/s; r1 {}, r2 {}\n    {machine}",
+            usage_two[0], usage_two[1]
+        );
+        r2.process.stop(Duration::from_secs(10));
+        ones.push(one);
+        twos.push(two);
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let (one, two) = (mean(&ones), mean(&twos));
+    let spread = |v: &[f64]| {
+        let (lo, hi) = v
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+        format!("{lo:.0}–{hi:.0}")
+    };
+    let (spread_one, spread_two) = (spread(&ones), spread(&twos));
     stats.uplink_on.store(false, Ordering::Relaxed);
-    let mosquitto_usage = cpu_and_rss(cluster.mosquitto.process.child.id())
+    let mosquitto_usage = cpu_and_rss(mosquitto_pid)
         .map(|(cpu, rss)| format!("{cpu:.0} CPU s in all, RSS {:.0} MiB", rss as f64 / 1024.0))
         .unwrap_or_default();
     println!(
-        "\nsummary ({} devices, {cores} cores, one machine for everything):\n  connect {:.1} s; converge {:.1} s (target ≤ 60 s); ingest {one:.0} items/s with one replica, {two:.0} with two: ratio {:.2}\n  Mosquitto: {mosquitto_usage}; items acked to the devices: {}; batches sent: {}",
+        "\nsummary ({} devices, {cores} cores, one machine for everything):\n  connect {:.1} s; converge {:.1} s (target ≤ 60 s); ingest {one:.0} items/s with one replica ({spread_one}), {two:.0} with two ({spread_two}): ratio {:.2}\n  Mosquitto: {mosquitto_usage}; items acked to the devices: {}; batches sent: {}",
         args.devices,
         connect_time.as_secs_f64(),
         converged.as_secs_f64(),

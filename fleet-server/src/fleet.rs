@@ -331,6 +331,18 @@ impl Fleet {
                 "no model {model}@{version} in the registry"
             )));
         }
+        self.assign_checked(&device, model, version).await
+    }
+
+    /// [`Fleet::assign`] for a caller that has checked the names, the device (active) and the
+    /// version (in the registry) itself: the rollout runner, which reads every device once
+    /// per tick and assigns one version to a whole stage.
+    pub(crate) async fn assign_checked(
+        &self,
+        device: &DeviceRecord,
+        model: &str,
+        version: &str,
+    ) -> Result<u64, FleetError> {
         self.store
             .assign(&Assignment {
                 device: device.id.clone(),
@@ -339,7 +351,7 @@ impl Fleet {
                 assigned_at_ms: now_ms(),
             })
             .await?;
-        self.publish_directive(&device).await
+        self.publish_directive(device).await
     }
 
     /// Removes the model from the device (the agent retires it) and publishes the directive.
@@ -379,14 +391,10 @@ impl Fleet {
         let id = DeviceId::new(&device.id).map_err(|e| FleetError::Invalid(e.to_string()))?;
         let active = active_releases(device);
         let mut models = Vec::new();
-        for a in self.store.assignments(&device.id).await? {
-            let record = self
-                .store
-                .model(&a.model, &a.version)
-                .await?
-                .ok_or_else(|| {
-                    FleetError::NotFound(format!("model {}@{} is gone", a.model, a.version))
-                })?;
+        for (a, record) in self.store.assignments_with_models(&device.id).await? {
+            let record = record.ok_or_else(|| {
+                FleetError::NotFound(format!("model {}@{} is gone", a.model, a.version))
+            })?;
             let (envelope, manifest) = Registry::manifest_of(&record)?;
             let rollback = active
                 .get(&a.model)

@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 
 use crate::bus::{Bus, DeviceMessage};
 use crate::metrics::Metrics;
-use crate::store::{now_ms, Store, StoreError};
+use crate::store::{now_ms, DeviceReport, Store, StoreError};
 
 /// Most queued uplink batches stored in one transaction.
 const MAX_GROUP: usize = 32;
@@ -36,17 +36,22 @@ pub async fn run(
                 Err(_) => break,
             }
         }
+        // Outbox batches and device reports are stored apart: each keeps its own order, and
+        // neither kind's rows are the other's.
         let mut batches = Vec::new();
+        let mut reports = Vec::new();
         for message in group {
             let kind = message.kind;
-            if kind == TopicKind::Up {
-                match decode_batch(&message) {
-                    Ok(batch) => batches.push(batch),
-                    Err(reason) => metrics.dropped("up", reason),
-                }
-            } else if let Err(reason) = handle(&store, &metrics, message).await {
+            let decoded = match kind {
+                TopicKind::Up => decode_batch(&message).map(|batch| batches.push(batch)),
+                _ => decode_report(message).map(|report| reports.push(report)),
+            };
+            if let Err(reason) = decoded {
                 metrics.dropped(kind.as_str(), reason);
             }
+        }
+        if !reports.is_empty() {
+            store_reports(&store, &metrics, &reports).await;
         }
         if !batches.is_empty() {
             store_batches(&store, &bus, &metrics, &batches).await;
@@ -83,7 +88,7 @@ async fn store_batches(store: &Store, bus: &Bus, metrics: &Metrics, batches: &[B
             }
             Err(e) => {
                 for batch in batches {
-                    metrics.dropped("up", store_failure(&batch.device, &e));
+                    metrics.dropped("up", store_failure(batch.device.as_str(), &e));
                 }
                 return;
             }
@@ -93,7 +98,7 @@ async fn store_batches(store: &Store, bus: &Bus, metrics: &Metrics, batches: &[B
         let outcome = match outcome {
             Ok(outcome) => outcome,
             Err(e) => {
-                metrics.dropped("up", store_failure(&batch.device, &e));
+                metrics.dropped("up", store_failure(batch.device.as_str(), &e));
                 continue;
             }
         };
@@ -116,12 +121,9 @@ async fn store_batches(store: &Store, bus: &Bus, metrics: &Metrics, batches: &[B
     }
 }
 
-/// Stores a `state` or `status` message; the error is the reason label it was dropped with.
-async fn handle(
-    store: &Store,
-    metrics: &Metrics,
-    message: DeviceMessage,
-) -> Result<(), &'static str> {
+/// A `state` or `status` message as the update it makes; the error is the reason label it
+/// is dropped with.
+fn decode_report(message: DeviceMessage) -> Result<DeviceReport, &'static str> {
     let DeviceMessage {
         device,
         kind,
@@ -134,12 +136,12 @@ async fn handle(
                 return Err("device_mismatch");
             }
             let json = serde_json::to_string(&state).map_err(|_| "unencodable")?;
-            store
-                .set_state(device.as_str(), &json, &state.agent_version, state.at_ms)
-                .await
-                .map_err(|e| store_failure(&device, &e))?;
-            metrics.states_stored.fetch_add(1, Ordering::Relaxed);
-            Ok(())
+            Ok(DeviceReport::State {
+                device: device.as_str().to_string(),
+                json,
+                agent_version: state.agent_version,
+                at_ms: state.at_ms,
+            })
         }
         TopicKind::Status => {
             let status: Status = decode(&payload).map_err(|e| e.label())?;
@@ -147,23 +149,54 @@ async fn handle(
                 Presence::Online => "online",
                 Presence::Offline => "offline",
             };
-            store
-                .set_presence(
-                    device.as_str(),
-                    presence,
-                    &status.agent_version,
-                    status.at_ms,
-                )
-                .await
-                .map_err(|e| store_failure(&device, &e))?;
-            metrics.statuses_stored.fetch_add(1, Ordering::Relaxed);
-            Ok(())
+            Ok(DeviceReport::Presence {
+                device: device.as_str().to_string(),
+                presence,
+                agent_version: status.agent_version,
+                at_ms: status.at_ms,
+            })
         }
         _ => Err("wrong_direction"),
     }
 }
 
-fn store_failure(device: &fleet_protocol::DeviceId, e: &StoreError) -> &'static str {
+/// Stores the reports together; when that fails, one by one, so that one that cannot be
+/// stored does not take the others with it.
+async fn store_reports(store: &Store, metrics: &Metrics, reports: &[DeviceReport]) {
+    let counted = |report: &DeviceReport| match report {
+        DeviceReport::State { .. } => &metrics.states_stored,
+        DeviceReport::Presence { .. } => &metrics.statuses_stored,
+    };
+    if reports.len() > 1 {
+        match store.store_reports(reports).await {
+            Ok(()) => {
+                for report in reports {
+                    counted(report).fetch_add(1, Ordering::Relaxed);
+                }
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, reports = reports.len(), "storing device reports together failed; storing them one by one");
+            }
+        }
+    }
+    for report in reports {
+        match store.store_reports(std::slice::from_ref(report)).await {
+            Ok(()) => {
+                counted(report).fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                let (device, kind) = match report {
+                    DeviceReport::State { device, .. } => (device, "state"),
+                    DeviceReport::Presence { device, .. } => (device, "status"),
+                };
+                metrics.dropped(kind, store_failure(device, &e));
+            }
+        }
+    }
+}
+
+fn store_failure(device: &str, e: &StoreError) -> &'static str {
     match e {
         StoreError::Conflict(_) => {
             tracing::warn!(%device, "dropped a message from a device that is not enrolled");

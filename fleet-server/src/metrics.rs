@@ -21,6 +21,10 @@ pub struct Metrics {
     pub leading: AtomicU64,
     /// Terms as the leader this process began.
     pub leader_terms: AtomicU64,
+    /// Rollout engine steps (one look at every active rollout) and the time they took, in
+    /// microseconds: how close the engine runs to its tick.
+    pub rollout_steps: AtomicU64,
+    pub rollout_step_micros: AtomicU64,
     /// Chunk replies other than ok, by status.
     chunk_refusals: Mutex<BTreeMap<&'static str, u64>>,
     /// Messages dropped, by (topic kind, reason).
@@ -123,6 +127,12 @@ impl Metrics {
             "driftgate_server_leader_terms_total",
             "Terms as the fleet's leader this process began.",
             &self.leader_terms,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP driftgate_server_rollout_step_seconds Time the rollout engine took per step over every active rollout.\n# TYPE driftgate_server_rollout_step_seconds summary\ndriftgate_server_rollout_step_seconds_sum {}\ndriftgate_server_rollout_step_seconds_count {}",
+            self.rollout_step_micros.load(Ordering::Relaxed) as f64 / 1e6,
+            self.rollout_steps.load(Ordering::Relaxed)
         );
         let _ = writeln!(
             out,

@@ -9,7 +9,8 @@
 //! before any directive goes out, and each published directive is recorded afterwards; an
 //! assignment without a recorded directive is asked for again by the engine at the next step.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -71,8 +72,21 @@ pub async fn run(
         if !fleet.leadership.is_leader() {
             continue;
         }
+        let started = std::time::Instant::now();
         if let Err(e) = fleet.step_rollouts().await {
             tracing::warn!(error = %e, "rollout step failed; retrying at the next tick");
+        }
+        let took = started.elapsed();
+        fleet.metrics.rollout_steps.fetch_add(1, Ordering::Relaxed);
+        fleet
+            .metrics
+            .rollout_step_micros
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        if took > tick {
+            tracing::debug!(
+                took_ms = took.as_millis() as u64,
+                "a rollout step took longer than the engine's tick"
+            );
         }
     }
 }
@@ -226,7 +240,7 @@ impl Fleet {
         self.store
             .save_rollout(&record.id, &record.state, &entries)
             .await?;
-        self.apply(&mut record, step.actions).await?;
+        self.apply(&mut record, step.actions, &devices).await?;
         record.phase = record.state.phase;
         self.rollouts.wake.notify_one();
         Ok(record)
@@ -256,7 +270,7 @@ impl Fleet {
                     .save_rollout(&record.id, &record.state, &entries)
                     .await?;
             }
-            self.apply(&mut record, step.actions).await?;
+            self.apply(&mut record, step.actions, &devices).await?;
             // Later rollouts see the devices this one has just reached as held.
             active[i] = record;
         }
@@ -264,15 +278,54 @@ impl Fleet {
     }
 
     /// Carries out the engine's actions, then saves which directives went out.
+    ///
+    /// `devices` are the tick's device records: the engine only acts on devices that were
+    /// active in them, so each action skips reading its device again.
     async fn apply(
         &self,
         record: &mut RolloutRecord,
         actions: Vec<Action>,
+        devices: &[DeviceRecord],
     ) -> Result<(), FleetError> {
         if actions.is_empty() {
             return Ok(());
         }
         let (model, version) = (record.model.clone(), record.version.clone());
+        let by_id: HashMap<&str, &DeviceRecord> =
+            devices.iter().map(|d| (d.id.as_str(), d)).collect();
+        // The versions this step assigns, checked against the registry once rather than per
+        // device.
+        let mut registered: HashMap<String, bool> = HashMap::new();
+        for action in &actions {
+            let wanted = match action {
+                Action::Assign { .. } => &version,
+                Action::Revert {
+                    version: Some(previous),
+                    ..
+                } => previous,
+                Action::Revert { version: None, .. } => continue,
+            };
+            if !registered.contains_key(wanted) {
+                let present = self.store.model(&model, wanted).await?.is_some();
+                registered.insert(wanted.clone(), present);
+            }
+        }
+        let assign = |device: &str, version: &str| {
+            let (by_id, registered, model) = (&by_id, &registered, &model);
+            let (device, version) = (device.to_string(), version.to_string());
+            async move {
+                match (by_id.get(device.as_str()), registered.get(&version)) {
+                    (_, Some(false) | None) => Err(FleetError::NotFound(format!(
+                        "no model {model}@{version} in the registry"
+                    ))),
+                    (Some(record), _) if record.revoked_at_ms.is_none() => {
+                        self.assign_checked(record, model, &version).await
+                    }
+                    // Not in this tick's records, or revoked: the checks of `assign` decide.
+                    _ => self.assign(&device, model, &version).await,
+                }
+            }
+        };
         // Each action is one device's directive: several at once, or a stage of 10,000
         // devices waits on 10,000 round trips to the database one after the other.
         let outcomes: Vec<(Action, Result<u64, FleetError>)> = stream::iter(actions)
@@ -280,11 +333,11 @@ impl Fleet {
                 let (model, version) = (&model, &version);
                 async move {
                     let outcome = match &action {
-                        Action::Assign { device } => self.assign(device, model, version).await,
+                        Action::Assign { device } => assign(device, version).await,
                         Action::Revert {
                             device,
                             version: Some(previous),
-                        } => self.assign(device, model, previous).await,
+                        } => assign(device, previous).await,
                         Action::Revert {
                             device,
                             version: None,

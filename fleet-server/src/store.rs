@@ -264,6 +264,25 @@ pub struct ModelRecord {
     pub pushed_at_ms: i64,
 }
 
+/// A report a device sent on `state` or `status`, as the row update it makes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeviceReport {
+    /// Its whole state, as JSON.
+    State {
+        device: String,
+        json: String,
+        agent_version: String,
+        at_ms: i64,
+    },
+    /// Online or offline.
+    Presence {
+        device: String,
+        presence: &'static str,
+        agent_version: String,
+        at_ms: i64,
+    },
+}
+
 /// A device's assignment of one model.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Assignment {
@@ -645,21 +664,17 @@ impl Store {
     pub async fn set_presence(
         &self,
         device: &str,
-        presence: &str,
+        presence: &'static str,
         agent_version: &str,
         at_ms: i64,
     ) -> Result<(), StoreError> {
-        // A late retained copy must not overwrite a newer status.
-        sqlx::query(
-            "UPDATE devices SET presence = $1, presence_at_ms = $2, agent_version = $3 WHERE id = $4 AND (presence_at_ms IS NULL OR presence_at_ms <= $2)",
-        )
-        .bind(presence)
-        .bind(at_ms)
-        .bind(agent_version)
-        .bind(device)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        self.store_reports(&[DeviceReport::Presence {
+            device: device.to_string(),
+            presence,
+            agent_version: agent_version.to_string(),
+            at_ms,
+        }])
+        .await
     }
 
     pub async fn set_state(
@@ -669,15 +684,61 @@ impl Store {
         agent_version: &str,
         at_ms: i64,
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE devices SET state = $1, state_at_ms = $2, agent_version = $3 WHERE id = $4 AND (state_at_ms IS NULL OR state_at_ms <= $2)",
-        )
-        .bind(state_json)
-        .bind(at_ms)
-        .bind(agent_version)
-        .bind(device)
-        .execute(&self.pool)
-        .await?;
+        self.store_reports(&[DeviceReport::State {
+            device: device.to_string(),
+            json: state_json.to_string(),
+            agent_version: agent_version.to_string(),
+            at_ms,
+        }])
+        .await
+    }
+
+    /// Stores what devices reported on `state` and `status`, in order, in one transaction:
+    /// a fleet answering a rollout sends thousands of states a second, and one commit each
+    /// would make the database's commit rate the fleet's. A late retained copy never
+    /// overwrites a newer report (each update is guarded by its time).
+    pub async fn store_reports(&self, reports: &[DeviceReport]) -> Result<(), StoreError> {
+        let update = |report: &DeviceReport| {
+            match report {
+            DeviceReport::State {
+                device,
+                json,
+                agent_version,
+                at_ms,
+            } => sqlx::query(
+                "UPDATE devices SET state = $1, state_at_ms = $2, agent_version = $3 WHERE id = $4 AND (state_at_ms IS NULL OR state_at_ms <= $2)",
+            )
+            .bind(json.clone())
+            .bind(*at_ms)
+            .bind(agent_version.clone())
+            .bind(device.clone()),
+            DeviceReport::Presence {
+                device,
+                presence,
+                agent_version,
+                at_ms,
+            } => sqlx::query(
+                "UPDATE devices SET presence = $1, presence_at_ms = $2, agent_version = $3 WHERE id = $4 AND (presence_at_ms IS NULL OR presence_at_ms <= $2)",
+            )
+            .bind(*presence)
+            .bind(*at_ms)
+            .bind(agent_version.clone())
+            .bind(device.clone()),
+        }
+        };
+        match reports {
+            [] => {}
+            [one] => {
+                update(one).execute(&self.pool).await?;
+            }
+            many => {
+                let mut tx = self.begin_write().await?;
+                for report in many {
+                    update(report).execute(&mut *tx).await?;
+                }
+                tx.commit().await?;
+            }
+        }
         Ok(())
     }
 
@@ -864,6 +925,37 @@ impl Store {
             .collect()
     }
 
+    /// The device's assignments with the registry record of each assigned version, in one
+    /// query: what its directive is made of. An assignment whose version is gone from the
+    /// registry comes with `None`.
+    pub async fn assignments_with_models(
+        &self,
+        device: &str,
+    ) -> Result<Vec<(Assignment, Option<ModelRecord>)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT m.name, m.version, m.release, m.sha256, m.size, m.profile_sha256, m.profile_size, m.manifest, m.pushed_at_ms, a.device, a.model, a.version, a.assigned_at_ms FROM assignments a LEFT JOIN models m ON m.name = a.model AND m.version = a.version WHERE a.device = $1 ORDER BY a.model",
+        )
+        .bind(device)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let assignment = Assignment {
+                    device: r.try_get(9)?,
+                    model: r.try_get(10)?,
+                    version: r.try_get(11)?,
+                    assigned_at_ms: r.try_get(12)?,
+                };
+                let name: Option<String> = r.try_get(0)?;
+                let record = match name {
+                    Some(_) => Some(model_from_row(r)?),
+                    None => None,
+                };
+                Ok((assignment, record))
+            })
+            .collect()
+    }
+
     pub async fn assignments(&self, device: &str) -> Result<Vec<Assignment>, StoreError> {
         let rows = sqlx::query(
             "SELECT device, model, version, assigned_at_ms FROM assignments WHERE device = $1 ORDER BY model",
@@ -884,48 +976,50 @@ impl Store {
     }
 
     /// Takes the device's next directive sequence number. It is persisted before the
-    /// directive is signed, so no number is ever handed out twice, even across a crash.
-    /// Takes the device's next directive sequence number. With a `fence` (a replica of a
-    /// cluster), only while that lease is still held: checked in the same transaction, with
-    /// the lease row share-locked on PostgreSQL, so a takeover waits for this commit and every
-    /// number taken after it is refused to the old leader.
+    /// directive is signed, so no number is ever handed out twice, even across a crash. With
+    /// a `fence` (a replica of a cluster), only while that lease is still held: checked in the
+    /// same statement, with the lease row share-locked on PostgreSQL, so a takeover waits for
+    /// this commit and every number taken after it is refused to the old leader.
+    ///
+    /// One statement, one round trip: a rollout stage takes one number per device.
     pub async fn next_directive_seq(
         &self,
         device: &str,
         fence: Option<&crate::cluster::Fence>,
     ) -> Result<u64, StoreError> {
-        let mut tx = self.begin_write().await?;
-        if let Some(fence) = fence {
-            let lock = match self.dialect {
-                Dialect::Sqlite => "",
-                Dialect::Postgres => " FOR SHARE",
-            };
-            let held: Option<i64> = sqlx::query_scalar(AssertSqlSafe(format!(
-                "SELECT epoch FROM leases WHERE name = $1 AND holder = $2 AND epoch = $3 AND expires_at_ms > {}{lock}",
-                self.now_sql()
-            )))
-            .bind(crate::cluster::LEADER_LEASE)
-            .bind(&fence.holder)
-            .bind(fence.epoch)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if held.is_none() {
-                return Err(StoreError::NotLeader(format!(
-                    "the lease of epoch {} has passed to another replica or lapsed",
-                    fence.epoch
-                )));
-            }
-        }
-        sqlx::query("UPDATE devices SET directive_seq = directive_seq + 1 WHERE id = $1")
-            .bind(device)
-            .execute(&mut *tx)
-            .await?;
-        let seq: Option<i64> =
-            sqlx::query_scalar("SELECT directive_seq FROM devices WHERE id = $1")
+        let seq: Option<i64> = match fence {
+            None => {
+                sqlx::query_scalar(
+                    "UPDATE devices SET directive_seq = directive_seq + 1 WHERE id = $1 RETURNING directive_seq",
+                )
                 .bind(device)
-                .fetch_optional(&mut *tx)
+                .fetch_optional(&self.pool)
+                .await?
+            }
+            Some(fence) => {
+                let lock = match self.dialect {
+                    Dialect::Sqlite => "",
+                    Dialect::Postgres => " FOR SHARE",
+                };
+                let seq = sqlx::query_scalar(AssertSqlSafe(format!(
+                    "UPDATE devices SET directive_seq = directive_seq + 1 WHERE id = $1 AND EXISTS (SELECT 1 FROM leases WHERE name = $2 AND holder = $3 AND epoch = $4 AND expires_at_ms > {}{lock}) RETURNING directive_seq",
+                    self.now_sql()
+                )))
+                .bind(device)
+                .bind(crate::cluster::LEADER_LEASE)
+                .bind(&fence.holder)
+                .bind(fence.epoch)
+                .fetch_optional(&self.pool)
                 .await?;
-        tx.commit().await?;
+                if seq.is_none() && self.device(device).await?.is_some() {
+                    return Err(StoreError::NotLeader(format!(
+                        "the lease of epoch {} has passed to another replica or lapsed",
+                        fence.epoch
+                    )));
+                }
+                seq
+            }
+        };
         let seq = seq.ok_or_else(|| StoreError::Conflict(format!("no device {device}")))?;
         Ok(u64::try_from(seq).unwrap_or(0))
     }

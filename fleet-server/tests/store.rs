@@ -344,3 +344,77 @@ async fn a_version_a_device_reports_running_cannot_be_deleted() {
         assert!(store.model("m", "v2").await.unwrap().is_none(), "{kind}");
     }
 }
+
+#[tokio::test]
+async fn reports_stored_together_keep_the_newest_and_skip_unknown_devices() {
+    use fleet_server::store::DeviceReport;
+    let dir = tempfile::tempdir().unwrap();
+    let state = |device: &str, at_ms: i64, seq: u64| DeviceReport::State {
+        device: device.to_string(),
+        json: serde_json::json!({"v": 1, "device": device, "agent_version": "0.1.0",
+                                 "at_ms": at_ms, "directive_seq": seq, "models": []})
+        .to_string(),
+        agent_version: "0.1.0".to_string(),
+        at_ms,
+    };
+    let presence = |device: &str, presence: &'static str, at_ms: i64| DeviceReport::Presence {
+        device: device.to_string(),
+        presence,
+        agent_version: "0.1.0".to_string(),
+        at_ms,
+    };
+    for (kind, store) in common::stores(
+        "reports_stored_together_keep_the_newest_and_skip_unknown_devices",
+        dir.path(),
+    )
+    .await
+    {
+        for id in ["dev-1", "dev-2"] {
+            store.insert_device(&common::device(id)).await.unwrap();
+        }
+        store
+            .store_reports(&[
+                state("dev-1", 10, 1),
+                presence("dev-1", "online", 10),
+                state("dev-2", 10, 4),
+                // Newer, then a late retained copy of an older one: the newer stays.
+                state("dev-1", 20, 2),
+                state("dev-1", 15, 9),
+                presence("dev-2", "offline", 12),
+                // A device the store does not know changes nothing and fails nothing.
+                state("dev-9", 10, 1),
+            ])
+            .await
+            .unwrap();
+        let one = store.device("dev-1").await.unwrap().unwrap();
+        assert_eq!(one.state_at_ms, Some(20), "{kind}");
+        assert_eq!(one.state.unwrap()["directive_seq"], 2, "{kind}");
+        assert_eq!(one.presence.as_deref(), Some("online"), "{kind}");
+        let two = store.device("dev-2").await.unwrap().unwrap();
+        assert_eq!(two.state.unwrap()["directive_seq"], 4, "{kind}");
+        assert_eq!(
+            (two.presence.as_deref(), two.presence_at_ms),
+            (Some("offline"), Some(12)),
+            "{kind}"
+        );
+        assert!(store.device("dev-9").await.unwrap().is_none(), "{kind}");
+    }
+}
+
+#[tokio::test]
+async fn directive_sequences_rise_by_one_and_an_unknown_device_has_none() {
+    let dir = tempfile::tempdir().unwrap();
+    for (kind, store) in common::stores(
+        "directive_sequences_rise_by_one_and_an_unknown_device_has_none",
+        dir.path(),
+    )
+    .await
+    {
+        store.insert_device(&common::device("dev-1")).await.unwrap();
+        let first = store.next_directive_seq("dev-1", None).await.unwrap();
+        let second = store.next_directive_seq("dev-1", None).await.unwrap();
+        assert_eq!(second, first + 1, "{kind}");
+        let unknown = store.next_directive_seq("dev-9", None).await;
+        assert!(unknown.is_err(), "{kind}: {unknown:?}");
+    }
+}
