@@ -558,8 +558,17 @@ fn rollout(server: &Replica, version: &str, stages: &[f64], devices: usize) -> R
 /// Items stored per second by `replicas` over `secs`, after a warm-up.
 /// Also returns where the machine's CPU went meanwhile.
 fn ingest_rate(replicas: &[&Replica], secs: u64, mosquitto: u32) -> (f64, Vec<String>, String) {
-    std::thread::sleep(Duration::from_secs(5));
+    // The warm-up lets the backlog queued for the replicas before this phase drain (a replica
+    // that just joined gets only new messages).
+    std::thread::sleep(Duration::from_secs(15));
     let stored = || replicas.iter().map(|r| r.items_stored()).sum::<u64>();
+    let duplicates = || {
+        replicas
+            .iter()
+            .map(|r| r.metric("driftgate_server_items_duplicate_total"))
+            .sum::<f64>()
+    };
+    let duplicates_before = duplicates();
     let usage: Vec<Usage> = replicas.iter().map(|r| Usage::start(r.pid())).collect();
     let machine = MachineUsage::start(replicas, mosquitto);
     let (before, started) = (stored(), Instant::now());
@@ -570,7 +579,12 @@ fn ingest_rate(replicas: &[&Replica], secs: u64, mosquitto: u32) -> (f64, Vec<St
         .zip(&usage)
         .map(|(r, u)| u.report(r.pid()))
         .collect();
-    (rate, reports, machine.report())
+    let machine = format!(
+        "{}; {:.0} items received again (resent) meanwhile",
+        machine.report(),
+        duplicates() - duplicates_before
+    );
+    (rate, reports, machine)
 }
 
 fn main() -> Result<()> {
@@ -676,7 +690,11 @@ fn main() -> Result<()> {
             config: SimConfig {
                 telemetry_every: Some(Duration::from_secs(1)),
                 items_per_batch: args.batch_items,
-                ack_timeout: Duration::from_secs(15),
+                // Longer than a batch waits at saturation (one batch of each of 10,000
+                // devices queued at a few hundred batches a second is 20-odd seconds): a
+                // device that resent sooner would have the servers store duplicates, and the
+                // figure would be of resends, not of storing.
+                ack_timeout: Duration::from_secs(60),
             },
             connect_concurrency: args.connect_concurrency,
             inference: Some((inference, args.devices / 100)),
@@ -766,7 +784,12 @@ fn main() -> Result<()> {
             "  ingest {round}, replicas r1 + r2: {two:.0} items/s; r1 {}, r2 {}\n    {machine}",
             usage_two[0], usage_two[1]
         );
+        let stopping = Instant::now();
         r2.process.stop(Duration::from_secs(10));
+        println!(
+            "    r2 stopped (SIGTERM) in {:.1} s",
+            stopping.elapsed().as_secs_f64()
+        );
         ones.push(one);
         twos.push(two);
     }

@@ -131,8 +131,16 @@ pub fn connect(config: &BusConfig) -> Result<(Bus, EventLoop), String> {
     let mut options = MqttOptions::new(&config.client_id, &config.host, config.port);
     options.set_keep_alive(Duration::from_secs(20));
     options.set_max_packet_size(config.max_packet_bytes, config.max_packet_bytes);
-    // A persistent session: subscriptions and queued QoS 1 messages survive a reconnect.
-    options.set_clean_session(false);
+    // A single server keeps a persistent session: subscriptions and the QoS 1 messages
+    // queued while it restarts survive. A replica's session is clean: a broker queues a
+    // shared subscription's share for a member whose persistent session is offline (Mosquitto
+    // does), so while one replica was stopped or dead, every device whose next message fell
+    // to it waited for its ack timeout, and ingest all but stopped (the scale bench measured
+    // 127 items/s on the remaining replica). With clean sessions the broker shares among the
+    // replicas that are connected. What a dying replica had received but not stored: an
+    // outbox batch is resent until acked; a state report is lost until the device's next one
+    // (docs/scale-out.md, "Limits to know").
+    options.set_clean_session(config.shared_group.is_some());
     options.set_credentials(&config.username, &config.password);
     options.set_inflight(256);
     if let Some(tls) = &config.tls {

@@ -27,6 +27,9 @@ use crate::{api, artifacts, ingest, keyfile};
 const INGEST_WORKERS_POSTGRES: usize = 4;
 
 /// A running server.
+/// How long a stop waits for the server's tasks.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
 pub struct RunningServer {
     pub fleet: Arc<Fleet>,
     pub api_addr: SocketAddr,
@@ -38,11 +41,19 @@ pub struct RunningServer {
 }
 
 impl RunningServer {
-    /// Stops the API, the session and the broker.
+    /// Stops the API, the session and the broker. The tasks stop together, within
+    /// `SHUTDOWN_GRACE` in all: the lease is given up at once, and the ingest workers store
+    /// what is already queued for them meanwhile (the session takes no more). An outbox batch
+    /// still queued after that was not acked, so its device sends it again; a state report
+    /// still queued waits for the device's next one.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
-        for task in self.tasks {
-            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        let stopped = futures_util::future::join_all(self.tasks);
+        if tokio::time::timeout(SHUTDOWN_GRACE, stopped).await.is_err() {
+            tracing::warn!(
+                "some tasks were still busy {} s after the stop; leaving them",
+                SHUTDOWN_GRACE.as_secs()
+            );
         }
         drop(self.fleet);
         if let Some(broker) = self.broker {
