@@ -25,7 +25,7 @@ use serde_json::json;
 use crate::fleet::{Fleet, FleetError};
 use crate::rollout::engine::{self, Action, Command, DeviceFacts, Facts, Step};
 use crate::rollout::{RolloutRequest, RolloutSpec, RolloutState, StageFigures};
-use crate::store::{now_ms, AuditEntry, DeviceRecord, RolloutRecord};
+use crate::store::{now_ms, AuditEntry, DeviceRecord, RolloutRecord, ROLLOUTS_LOCK};
 
 /// Serialises the engine's steps and operators' commands (one writer of rollout state at a
 /// time), and wakes the loop.
@@ -99,6 +99,15 @@ impl Fleet {
         request: RolloutRequest,
         actor: &Actor,
     ) -> Result<RolloutRecord, FleetError> {
+        self.with_rollouts_locked(self.create_rollout_locked(request, actor))
+            .await
+    }
+
+    async fn create_rollout_locked(
+        &self,
+        request: RolloutRequest,
+        actor: &Actor,
+    ) -> Result<RolloutRecord, FleetError> {
         let record = self
             .store
             .model(&request.model, &request.version)
@@ -109,7 +118,6 @@ impl Fleet {
                     request.model, request.version
                 ))
             })?;
-        let _guard = self.rollouts.lock.lock().await;
         let devices = self.store.devices().await?;
         let matching: Vec<&DeviceRecord> = devices
             .iter()
@@ -199,7 +207,16 @@ impl Fleet {
         command: Command,
         actor: &Actor,
     ) -> Result<RolloutRecord, FleetError> {
-        let _guard = self.rollouts.lock.lock().await;
+        self.with_rollouts_locked(self.command_rollout_locked(id, command, actor))
+            .await
+    }
+
+    async fn command_rollout_locked(
+        &self,
+        id: &str,
+        command: Command,
+        actor: &Actor,
+    ) -> Result<RolloutRecord, FleetError> {
         let mut record = self
             .store
             .rollout(id)
@@ -248,7 +265,24 @@ impl Fleet {
 
     /// One engine step for every active rollout, oldest first.
     pub async fn step_rollouts(&self) -> Result<(), FleetError> {
+        self.with_rollouts_locked(self.step_rollouts_locked()).await
+    }
+
+    /// Runs `work` holding the rollouts: this process's lock, then the database's
+    /// ([`ROLLOUTS_LOCK`]), so that an operator's command through one replica and the
+    /// leader's step never both read a rollout, change it and write it back over the other.
+    async fn with_rollouts_locked<T>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, FleetError>>,
+    ) -> Result<T, FleetError> {
         let _guard = self.rollouts.lock.lock().await;
+        let lock = self.store.lock_across_replicas(ROLLOUTS_LOCK).await?;
+        let result = work.await;
+        lock.release().await;
+        result
+    }
+
+    async fn step_rollouts_locked(&self) -> Result<(), FleetError> {
         // Read once per tick: every rollout's facts come from the same devices.
         let devices = self.store.devices().await?;
         let mut active = self.store.rollouts(None, true).await?;

@@ -218,8 +218,45 @@ CREATE TABLE batch_ranges (
 /// at once do not both create the same tables. Any number; this one spells "dgate".
 const MIGRATION_LOCK: i64 = 0x0064_6761_7465;
 
+/// The advisory lock around every change to rollouts (creating one, an operator's command,
+/// the leader's engine step): a rollout is read, changed and written back, and replicas
+/// sharing the database must take turns at that as the tasks of one process do.
+pub const ROLLOUTS_LOCK: i64 = 0x0064_6761_7472;
+
 /// Items per multi-row INSERT (8 values each; far below either engine's parameter limit).
 const INSERT_CHUNK: usize = 128;
+
+/// A lock held across the replicas of one database ([`Store::lock_across_replicas`]).
+pub struct ReplicaLock {
+    key: i64,
+    connection: Option<sqlx::pool::PoolConnection<sqlx::Any>>,
+}
+
+impl ReplicaLock {
+    /// Gives the lock up, and its connection back to the pool.
+    pub async fn release(mut self) {
+        if let Some(mut connection) = self.connection.take() {
+            let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)")
+                .bind(self.key)
+                .execute(&mut *connection)
+                .await;
+            if unlocked.is_err() {
+                // A connection that may still hold the lock must not go back to the pool.
+                drop(connection.detach());
+            }
+        }
+    }
+}
+
+impl Drop for ReplicaLock {
+    /// Not released (the holder's task was cancelled, or it returned early): the connection
+    /// is closed rather than pooled, and PostgreSQL frees the lock with its session.
+    fn drop(&mut self) {
+        if let Some(connection) = self.connection.take() {
+            drop(connection.detach());
+        }
+    }
+}
 
 /// The database, shared by every part of the server (cheap to clone).
 #[derive(Clone)]
@@ -466,22 +503,29 @@ impl Store {
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
-        match self.dialect {
-            Dialect::Sqlite => self.migrate_unlocked().await,
+        let lock = self.lock_across_replicas(MIGRATION_LOCK).await?;
+        let result = self.migrate_unlocked().await;
+        lock.release().await;
+        result
+    }
+
+    /// Takes the PostgreSQL advisory lock `key` on a connection of its own and holds it until
+    /// [`ReplicaLock::release`]: replicas sharing the database take turns. Waits while
+    /// another process holds it. On SQLite (one process) it holds nothing: the caller's own
+    /// mutex is the lock there.
+    pub async fn lock_across_replicas(&self, key: i64) -> Result<ReplicaLock, StoreError> {
+        let connection = match self.dialect {
+            Dialect::Sqlite => None,
             Dialect::Postgres => {
-                let mut lock = self.pool.acquire().await?;
+                let mut connection = self.pool.acquire().await?;
                 sqlx::query("SELECT pg_advisory_lock($1)")
-                    .bind(MIGRATION_LOCK)
-                    .execute(&mut *lock)
+                    .bind(key)
+                    .execute(&mut *connection)
                     .await?;
-                let result = self.migrate_unlocked().await;
-                let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
-                    .bind(MIGRATION_LOCK)
-                    .execute(&mut *lock)
-                    .await;
-                result
+                Some(connection)
             }
-        }
+        };
+        Ok(ReplicaLock { key, connection })
     }
 
     async fn migrate_unlocked(&self) -> Result<(), StoreError> {

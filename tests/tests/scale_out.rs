@@ -1,4 +1,5 @@
 //! Issue 10, acceptance 1: two `fleet-server` replicas on one PostgreSQL and one Mosquitto.
+//! (And: overlapping rollouts created through both replicas at once, one of them refused.)
 //! The leader is SIGKILLed in the middle of a staged rollout; the other replica takes over
 //! within 10 s and completes the rollout, and no device ever receives two directives with the
 //! same or a lower sequence number (a client on the broker records every directive as the
@@ -233,4 +234,70 @@ fn the_leader_killed_mid_rollout_another_replica_completes_it() {
     let received = log.assert_rising();
     assert_eq!(received.len(), DEVICES, "{received:?}");
     eprintln!("directives received, by device: {received:?}");
+}
+
+/// Two operators create overlapping rollouts through two replicas at the same instant: the
+/// check that a device has one active rollout per model holds across the replicas, so one
+/// is created and the other refused, every time.
+#[test]
+fn overlapping_rollouts_created_through_two_replicas_at_once_only_one_starts() {
+    let test = "overlapping_rollouts_created_through_two_replicas_at_once_only_one_starts";
+    if !require_env(test, "DRIFTGATE_TEST_MOSQUITTO", "Mosquitto")
+        || !require_env(test, "DRIFTGATE_TEST_POSTGRES", "a PostgreSQL server")
+    {
+        return;
+    }
+    const ROUNDS: usize = 6;
+    let work = tempfile::tempdir().unwrap();
+    let mut fleet = Fleet::start_replicated(work.path(), "r1", LEASE_SECS);
+    let r1 = fleet.url.clone();
+    let r2 = fleet.start_replica("r2");
+    fleet.push_sample("digits-mlp", "v1");
+    // Enrolled only: a rollout is created for the devices the store knows.
+    for i in 0..20 {
+        fleet.enroll(&format!("dev-{i}"), &["site=lab"]);
+    }
+    let body = json!({
+        "model": "digits-mlp", "version": "v1",
+        "selector": {"site": "lab"},
+        "stages": [{"size": {"percent": 100.0}, "soak_secs": 600}]
+    });
+    for round in 0..ROUNDS {
+        let start = Arc::new(std::sync::Barrier::new(2));
+        let attempts: Vec<_> = [&r1, &r2]
+            .into_iter()
+            .map(|url| {
+                let api = fleet_server::client::ApiClient::new(url, Some(fleet.token.clone()));
+                let (start, body) = (start.clone(), body.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    api.post_json("/api/v1/rollouts", &body)
+                })
+            })
+            .collect();
+        let outcomes: Vec<_> = attempts.into_iter().map(|t| t.join().unwrap()).collect();
+        let created: Vec<String> = outcomes
+            .iter()
+            .filter_map(|o| o.as_ref().ok())
+            .map(|v| v["rollout"]["id"].as_str().unwrap().to_string())
+            .collect();
+        let refused: Vec<String> = outcomes
+            .iter()
+            .filter_map(|o| o.as_ref().err())
+            .map(|e| e.to_string())
+            .collect();
+        assert_eq!(
+            created.len(),
+            1,
+            "round {round}: both replicas created a rollout ({created:?}) or neither did ({refused:?})"
+        );
+        assert!(
+            refused[0].starts_with("409"),
+            "round {round}: the other was refused for the wrong reason: {refused:?}"
+        );
+        // Out of the way for the next round.
+        fleet.url = r1.clone();
+        fleet.fleetctl(&["rollout", "abort", &created[0]]);
+    }
+    eprintln!("{ROUNDS} rounds: one rollout created and one refused (409) each time");
 }
