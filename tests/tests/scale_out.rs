@@ -1,9 +1,9 @@
 //! Issue 10, acceptance 1: two `fleet-server` replicas on one PostgreSQL and one Mosquitto.
-//! (And: overlapping rollouts created through both replicas at once, one of them refused.)
 //! The leader is SIGKILLed in the middle of a staged rollout; the other replica takes over
 //! within 10 s and completes the rollout, and no device ever receives two directives with the
 //! same or a lower sequence number (a client on the broker records every directive as the
-//! devices get it, retained ones included).
+//! devices get it, retained ones included). Also: overlapping rollouts created through both
+//! replicas at the same instant, of which exactly one starts.
 //!
 //! Needs `DRIFTGATE_TEST_MOSQUITTO` and `DRIFTGATE_TEST_POSTGRES` (`.ci/run` sets both).
 
