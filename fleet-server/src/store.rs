@@ -984,12 +984,7 @@ impl Store {
         .await?;
         rows.iter()
             .map(|r| {
-                let assignment = Assignment {
-                    device: r.try_get(9)?,
-                    model: r.try_get(10)?,
-                    version: r.try_get(11)?,
-                    assigned_at_ms: r.try_get(12)?,
-                };
+                let assignment = assignment_from_row(r, 9)?;
                 let name: Option<String> = r.try_get(0)?;
                 let record = match name {
                     Some(_) => Some(model_from_row(r)?),
@@ -1007,16 +1002,7 @@ impl Store {
         .bind(device)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(Assignment {
-                    device: r.try_get(0)?,
-                    model: r.try_get(1)?,
-                    version: r.try_get(2)?,
-                    assigned_at_ms: r.try_get(3)?,
-                })
-            })
-            .collect()
+        rows.iter().map(|r| assignment_from_row(r, 0)).collect()
     }
 
     /// Takes the device's next directive sequence number. It is persisted before the
@@ -1986,6 +1972,17 @@ fn device_from_row(r: &AnyRow) -> Result<DeviceRecord, StoreError> {
 }
 
 const MODEL_COLUMNS: &str = "SELECT name, version, release, sha256, size, profile_sha256, profile_size, manifest, pushed_at_ms FROM models";
+
+/// An assignment from four columns of a row, starting at `first`: device, model, version,
+/// assigned at.
+fn assignment_from_row(r: &AnyRow, first: usize) -> Result<Assignment, StoreError> {
+    Ok(Assignment {
+        device: r.try_get(first)?,
+        model: r.try_get(first + 1)?,
+        version: r.try_get(first + 2)?,
+        assigned_at_ms: r.try_get(first + 3)?,
+    })
+}
 
 fn model_from_row(r: &AnyRow) -> Result<ModelRecord, StoreError> {
     Ok(ModelRecord {
