@@ -98,6 +98,13 @@ impl DemoReport {
 const SITES: [&str; 5] = ["berlin", "paris", "oslo", "rome", "lisbon"];
 const MODEL: &str = "digits-mlp";
 
+/// The demo's latency gate: a stage fails when the new version's p95 is more than this many
+/// times the previous version's on the same devices. On a loaded 2-core machine the good v2
+/// measured 1.0 to 2.83 times v1 (one canary in CI at 2.83 failed a gate of 2.5), and the bad
+/// v3 4.76 to 8.0 times v2; the gate sits between the two. (The latency histogram's buckets
+/// are quarter octaves, so the ratios come in steps of 2^(1/4).)
+pub const MAX_P95_RATIO: f64 = 3.5;
+
 /// A step's outcome, for the final verdict.
 struct Checks(Vec<(String, bool)>);
 
@@ -409,7 +416,7 @@ pub async fn run(options: DemoOptions) -> Result<DemoReport> {
     let gates = json!({
         "min_install_success_pct": 100.0,
         "max_error_rate_pct": 1.0,
-        "max_p95_ratio": 2.5,
+        "max_p95_ratio": MAX_P95_RATIO,
         "max_drift_score": 2.0,
         "min_devices_reporting": options.agents,
     });

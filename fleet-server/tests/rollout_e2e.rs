@@ -143,7 +143,7 @@ async fn twenty_agents_stage_v2_then_roll_back_the_bad_v3() {
         figures["previous_p95_us"].as_f64().expect("previous p95"),
     );
     assert!(
-        p95 > 2.5 * previous,
+        p95 > demo::MAX_P95_RATIO * previous,
         "v3 p95 {p95} µs against v2's {previous} µs"
     );
     let rolling_back = entries(audit, r3, "rolling_back");
