@@ -9,7 +9,7 @@
 //! before any directive goes out, and each published directive is recorded afterwards; an
 //! assignment without a recorded directive is asked for again by the engine at the next step.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -329,30 +329,30 @@ impl Fleet {
             devices.iter().map(|d| (d.id.as_str(), d)).collect();
         // The versions this step assigns, checked against the registry once rather than per
         // device.
-        let mut registered: HashMap<String, bool> = HashMap::new();
-        for action in &actions {
-            let wanted = match action {
-                Action::Assign { .. } => &version,
-                Action::Revert {
-                    version: Some(previous),
-                    ..
-                } => previous,
-                Action::Revert { version: None, .. } => continue,
-            };
-            if !registered.contains_key(wanted) {
-                let present = self.store.model(&model, wanted).await?.is_some();
-                registered.insert(wanted.clone(), present);
+        let wanted: BTreeSet<&String> = actions
+            .iter()
+            .filter_map(|action| match action {
+                Action::Assign { .. } => Some(&version),
+                Action::Revert { version, .. } => version.as_ref(),
+            })
+            .collect();
+        let mut registered: HashSet<String> = HashSet::new();
+        for version in wanted {
+            if self.store.model(&model, version).await?.is_some() {
+                registered.insert(version.clone());
             }
         }
         let assign = |device: &str, version: &str| {
             let (by_id, registered, model) = (&by_id, &registered, &model);
             let (device, version) = (device.to_string(), version.to_string());
             async move {
-                match (by_id.get(device.as_str()), registered.get(&version)) {
-                    (_, Some(false) | None) => Err(FleetError::NotFound(format!(
+                if !registered.contains(&version) {
+                    return Err(FleetError::NotFound(format!(
                         "no model {model}@{version} in the registry"
-                    ))),
-                    (Some(record), _) if record.revoked_at_ms.is_none() => {
+                    )));
+                }
+                match by_id.get(device.as_str()) {
+                    Some(record) if record.revoked_at_ms.is_none() => {
                         self.assign_checked(record, model, &version).await
                     }
                     // Not in this tick's records, or revoked: the checks of `assign` decide.

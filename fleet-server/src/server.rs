@@ -26,10 +26,10 @@ use crate::{api, artifacts, ingest, keyfile};
 /// by sleeping: one worker there is faster than several.
 const INGEST_WORKERS_POSTGRES: usize = 4;
 
-/// A running server.
 /// How long a stop waits for the server's tasks.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
+/// A running server.
 pub struct RunningServer {
     pub fleet: Arc<Fleet>,
     pub api_addr: SocketAddr,

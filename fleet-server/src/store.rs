@@ -705,22 +705,6 @@ impl Store {
         .await?)
     }
 
-    pub async fn set_presence(
-        &self,
-        device: &str,
-        presence: &'static str,
-        agent_version: &str,
-        at_ms: i64,
-    ) -> Result<(), StoreError> {
-        self.store_reports(&[DeviceReport::Presence {
-            device: device.to_string(),
-            presence,
-            agent_version: agent_version.to_string(),
-            at_ms,
-        }])
-        .await
-    }
-
     pub async fn set_state(
         &self,
         device: &str,
@@ -742,33 +726,27 @@ impl Store {
     /// would make the database's commit rate the fleet's. A late retained copy never
     /// overwrites a newer report (each update is guarded by its time).
     pub async fn store_reports(&self, reports: &[DeviceReport]) -> Result<(), StoreError> {
-        let update = |report: &DeviceReport| {
-            match report {
+        let update = |report: &DeviceReport| match report {
             DeviceReport::State {
                 device,
                 json,
                 agent_version,
                 at_ms,
-            } => sqlx::query(
-                "UPDATE devices SET state = $1, state_at_ms = $2, agent_version = $3 WHERE id = $4 AND (state_at_ms IS NULL OR state_at_ms <= $2)",
-            )
-            .bind(json.clone())
-            .bind(*at_ms)
-            .bind(agent_version.clone())
-            .bind(device.clone()),
+            } => sqlx::query(UPDATE_STATE)
+                .bind(json.clone())
+                .bind(*at_ms)
+                .bind(agent_version.clone())
+                .bind(device.clone()),
             DeviceReport::Presence {
                 device,
                 presence,
                 agent_version,
                 at_ms,
-            } => sqlx::query(
-                "UPDATE devices SET presence = $1, presence_at_ms = $2, agent_version = $3 WHERE id = $4 AND (presence_at_ms IS NULL OR presence_at_ms <= $2)",
-            )
-            .bind(*presence)
-            .bind(*at_ms)
-            .bind(agent_version.clone())
-            .bind(device.clone()),
-        }
+            } => sqlx::query(UPDATE_PRESENCE)
+                .bind(*presence)
+                .bind(*at_ms)
+                .bind(agent_version.clone())
+                .bind(device.clone()),
         };
         match reports {
             [] => {}
@@ -1970,6 +1948,11 @@ fn device_from_row(r: &AnyRow) -> Result<DeviceRecord, StoreError> {
         acked_up_to: r.try_get(14)?,
     })
 }
+
+/// A device's reported state, unless a newer one is stored already.
+const UPDATE_STATE: &str = "UPDATE devices SET state = $1, state_at_ms = $2, agent_version = $3 WHERE id = $4 AND (state_at_ms IS NULL OR state_at_ms <= $2)";
+/// A device's online or offline status, unless a newer one is stored already.
+const UPDATE_PRESENCE: &str = "UPDATE devices SET presence = $1, presence_at_ms = $2, agent_version = $3 WHERE id = $4 AND (presence_at_ms IS NULL OR presence_at_ms <= $2)";
 
 const MODEL_COLUMNS: &str = "SELECT name, version, release, sha256, size, profile_sha256, profile_size, manifest, pushed_at_ms FROM models";
 
